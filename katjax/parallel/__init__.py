@@ -1,0 +1,12 @@
+"""Meshes, logical-axis sharding rules (declared once, as data), multi-host start-up."""
+
+from katjax.parallel.mesh import (batch_sharding, logical_sharding, logical_spec, make_mesh,
+                                  param_shardings, replicated, shard_batch, shard_params)
+from katjax.parallel.multihost import initialize
+from katjax.parallel.rules import DEFAULT_RULES, MESH_AXES, mesh_axes_for
+
+__all__ = [
+    "make_mesh", "logical_spec", "logical_sharding", "param_shardings", "shard_params",
+    "batch_sharding", "shard_batch", "replicated", "initialize", "DEFAULT_RULES", "MESH_AXES",
+    "mesh_axes_for",
+]

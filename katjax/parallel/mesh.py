@@ -1,0 +1,96 @@
+"""Device meshes and sharding by logical axis names.
+
+`make_mesh(data, fsdp, tensor)` lays the available devices out on the three mesh axes;
+`logical_sharding` turns a tuple of logical names plus a shape into a `NamedSharding`,
+dropping any mesh axis that does not divide its dimension (replication instead of an error),
+and never using one mesh axis twice in an array.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from katjax.parallel.rules import DEFAULT_RULES, MESH_AXES, mesh_axes_for
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """Mesh with axes ("data", "fsdp", "tensor"); one size may be -1 (= the remaining devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"make_mesh: at most one axis may be -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"make_mesh: axis sizes must be positive or -1, got {sizes}")
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"make_mesh: {len(devices)} devices not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  total = math.prod(sizes)
+  if total > len(devices):
+    raise ValueError(f"make_mesh: mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, "
+                     f"only {len(devices)} available")
+  try:
+    grid = jax.experimental.mesh_utils.create_device_mesh(sizes, devices[:total])
+  except Exception:  # noqa: BLE001 - fake CPU devices have no topology; plain order is fine
+    grid = np.asarray(devices[:total]).reshape(sizes)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_spec(axes, shape, mesh: Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec for an array with logical `axes` and `shape` on `mesh`."""
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {axes} do not match shape {shape}")
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(axes, shape):
+    chosen = []
+    for axis in mesh_axes_for(name, rules):
+      size = mesh.shape[axis]
+      if size == 1 or axis in used:
+        continue
+      if dim % (math.prod(mesh.shape[a] for a in chosen) * size) == 0:
+        chosen.append(axis)
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  return PartitionSpec(*spec)
+
+
+def logical_sharding(axes, shape, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_spec(axes, shape, mesh, rules))
+
+
+def param_shardings(axes, shapes, mesh: Mesh, rules=DEFAULT_RULES):
+  """Pytree of NamedSharding from logical axes (`katjax.model.logical_axes(cfg)`) and shapes.
+
+  `shapes` is any pytree with the same structure whose leaves have `.shape` (the params
+  themselves, or `katjax.model.param_shapes(cfg)` to plan before allocating).
+  """
+  return jax.tree.map(lambda a, s: logical_sharding(a, s.shape, mesh, rules), axes, shapes,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def shard_params(params, axes, mesh: Mesh, rules=DEFAULT_RULES):
+  """Place params on the mesh by their logical axes (`katjax.model.logical_axes(cfg)`)."""
+  return jax.device_put(params, param_shardings(axes, params, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
+  """Sharding for a batch array [B, T, ...]: batch over data*fsdp, the rest replicated."""
+  axes = tuple(a for a in mesh_axes_for("batch", rules) if mesh.shape[a] > 1)
+  first = None if not axes else axes[0] if len(axes) == 1 else axes
+  return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
+  """Place every array of a batch pytree with its leading axis over the batch mesh axes."""
+  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), rules)),
+                      batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
