@@ -3,12 +3,11 @@
 from katjax.model.api import (apply, forward, forward_with_cache, init, init_cache,
                               logical_axes, param_shapes, validate_subtree_end,
                               validate_tokens)
-from katjax.model.attention import (attention, blockwise_attention, dense_attention,
-                                    visible)
+from katjax.model.attention import blockwise_attention, dense_attention, visible
 from katjax.model.config import TINY, ModelConfig
 
 __all__ = [
     "ModelConfig", "TINY", "init", "apply", "forward", "forward_with_cache", "init_cache",
-    "logical_axes", "param_shapes", "validate_tokens", "validate_subtree_end", "attention",
+    "logical_axes", "param_shapes", "validate_tokens", "validate_subtree_end",
     "dense_attention", "blockwise_attention", "visible",
 ]
