@@ -18,6 +18,7 @@ from katjax.model.config import ModelConfig
 from katjax.model.decoder import Decoder
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init(cfg: ModelConfig, key) -> dict:
   """Random float32 params (a plain nested dict; layer params stacked on axis 0)."""
   return nn.unbox(_init_boxed(cfg, key))
@@ -39,7 +40,7 @@ def logical_axes(cfg: ModelConfig) -> dict:
 
 def param_shapes(cfg: ModelConfig) -> dict:
   """Pytree of jax.ShapeDtypeStruct for the params, without allocating them."""
-  return jax.eval_shape(functools.partial(init, cfg), jax.random.PRNGKey(0))
+  return jax.eval_shape(init, cfg, jax.random.PRNGKey(0))
 
 
 def forward(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):
