@@ -1,0 +1,263 @@
+"""DockerSandbox: one hardened container per sandbox, driven through the `docker` SDK.
+
+The container has no network, a read-only root, a private volume at /work (the only
+persistent writable place; /tmp is a small tmpfs), memory / CPU / PID limits, all
+capabilities dropped, no-new-privileges, an init process, and runs commands as uid 1000.
+The keep-alive process runs as another uid (65534) so a cleanup `kill -9 -1` issued as the
+command user cannot stop the container. Each command runs under `timeout -s KILL` inside
+the container, with a host-side deadline as a second line of defence.
+
+Every container and volume is labelled with the owning host and pid: `sweep()` removes the
+ones whose owner process is gone (run at first use and at interpreter exit), so crashed
+runs leave nothing behind. The image is built locally by launch/images/build_base.sh.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import io
+import os
+import shlex
+import socket
+import tarfile
+import threading
+import time
+import uuid
+
+from katjax.sandbox.base import (DEFAULT_OUTPUT_LIMIT, OutputCap, Sandbox, SandboxError,
+                                 check_relpath)
+
+__all__ = ["DockerSandbox", "docker_available", "sweep", "DEFAULT_IMAGE", "LABEL"]
+
+DEFAULT_IMAGE = os.environ.get("KATJAX_SANDBOX_IMAGE", "katjax-sandbox:latest")
+LABEL = "org.katjax.sandbox"
+USER = "1000:1000"
+KEEPER_USER = "65534:65534"
+WORKDIR = "/work"
+
+_swept = False
+_sweep_lock = threading.Lock()
+
+
+class DockerSandbox(Sandbox):
+  """Container-backed sandbox; see the module docstring."""
+
+  def __init__(self, image: str = DEFAULT_IMAGE, memory_mb: int = 1024, cpus: float = 1.0,
+               pids_limit: int = 256, tmp_mb: int = 64,
+               output_limit: int = DEFAULT_OUTPUT_LIMIT, client=None):
+    self.client = client or _client()
+    self.output_limit = output_limit
+    self.workdir = WORKDIR
+    self._closed = True
+    _sweep_once(self.client)
+    name = f"katjax-sbx-{uuid.uuid4().hex[:12]}"
+    labels = {LABEL: "1", f"{LABEL}.host": socket.gethostname(),
+              f"{LABEL}.pid": str(os.getpid())}
+    try:
+      self.client.images.get(image)
+    except Exception as e:
+      raise SandboxError(f"sandbox image {image!r} not found ({e}); build it with "
+                         "launch/images/build_base.sh") from None
+    self.volume = self.client.volumes.create(name=name, labels=labels)
+    try:
+      self.container = self.client.containers.run(
+        image, ["sleep", "infinity"], name=name, detach=True, init=True, labels=labels,
+        user=KEEPER_USER, network_mode="none", read_only=True,
+        volumes={name: {"bind": WORKDIR, "mode": "rw"}},
+        tmpfs={"/tmp": f"rw,nosuid,nodev,size={tmp_mb}m,mode=1777"},
+        mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m",
+        nano_cpus=int(cpus * 1e9), pids_limit=pids_limit, cap_drop=["ALL"],
+        security_opt=["no-new-privileges"], working_dir=WORKDIR)
+    except Exception:
+      self.volume.remove(force=True)
+      raise
+    self._closed = False
+
+  def exec(self, cmd: str, timeout: float = 60.0) -> tuple[str, int, bool]:
+    if self._closed:
+      raise ValueError("exec on a closed sandbox")
+    if timeout <= 0:
+      raise ValueError(f"timeout must be positive, got {timeout}")
+    argv = ["timeout", "-s", "KILL", f"{timeout:g}", "bash", "-c", cmd]
+    cap, code, start = OutputCap(self.output_limit), None, time.monotonic()
+    api = self.client.api
+    try:
+      exec_id = api.exec_create(self.container.id, argv, user=USER, workdir=WORKDIR)["Id"]
+      stream = api.exec_start(exec_id, stream=True)
+    except Exception as e:
+      raise SandboxError(f"docker exec failed: {e}") from e
+    done = threading.Event()
+
+    def pump():
+      try:
+        for chunk in stream:
+          cap.feed(chunk)
+      except Exception:
+        pass
+      done.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    # Background children keep the stream open past `timeout`; the host deadline ends it.
+    if not done.wait(timeout + 10):
+      self._kill_user_processes()
+      done.wait(5)
+    code = api.exec_inspect(exec_id).get("ExitCode")
+    elapsed = time.monotonic() - start
+    if code is None:  # still running after the kill: report as a timeout
+      code = 137
+    timed_out = code == 137 and elapsed >= timeout * 0.95
+    return cap.text(), int(code), timed_out
+
+  def write_file(self, path: str, content: str | bytes) -> None:
+    rel = check_relpath(path)
+    data = content.encode() if isinstance(content, str) else content
+    parent = os.path.dirname(rel)
+    if parent:
+      self._run_checked(f"mkdir -p {shlex.quote(parent)}")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+      info = tarfile.TarInfo(os.path.basename(rel))
+      info.size, info.mode, info.uid, info.gid, info.mtime = len(data), 0o644, 1000, 1000, time.time()
+      tar.addfile(info, io.BytesIO(data))
+    if not self.container.put_archive(f"{WORKDIR}/{parent}".rstrip("/"), buf.getvalue()):
+      raise SandboxError(f"could not write {path} into the container")
+
+  def read_file(self, path: str, max_bytes: int = 1 << 20) -> str:
+    rel = check_relpath(path)
+    out, code, _ = self.exec(f"test -f {shlex.quote(rel)} && head -c {int(max_bytes)} "
+                             f"{shlex.quote(rel)} | base64 -w0", timeout=30)
+    if code != 0:
+      raise FileNotFoundError(f"no such file in sandbox: {path}")
+    return base64.b64decode(out.strip()).decode("utf-8", "replace")
+
+  def upload_dir(self, src: str, dest: str = ".") -> None:
+    if not os.path.isdir(src):
+      raise FileNotFoundError(f"not a directory: {src}")
+    rel = check_relpath(dest)
+    if rel != ".":
+      self._run_checked(f"mkdir -p {shlex.quote(rel)}")
+    buf = io.BytesIO()
+
+    def own(info):
+      info.uid = info.gid = 1000
+      info.uname = info.gname = ""
+      return info
+
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+      tar.add(src, arcname=".", filter=own)
+    target = WORKDIR if rel == "." else f"{WORKDIR}/{rel}"
+    if not self.container.put_archive(target, buf.getvalue()):
+      raise SandboxError(f"could not upload {src} into the container")
+
+  def close(self) -> None:
+    if getattr(self, "_closed", True):
+      return
+    self._closed = True
+    _remove(self.container, self.volume)
+
+  # -- helpers ---------------------------------------------------------------------------
+
+  def _run_checked(self, cmd: str) -> str:
+    out, code, _ = self.exec(cmd, timeout=30)
+    if code != 0:
+      raise SandboxError(f"{cmd!r} failed in the sandbox (exit {code}): {out[-500:]}")
+    return out
+
+  def _kill_user_processes(self) -> None:
+    try:
+      exec_id = self.client.api.exec_create(self.container.id, ["kill", "-9", "-1"], user=USER)
+      self.client.api.exec_start(exec_id["Id"])
+    except Exception:
+      pass
+
+
+def docker_available(image: str | None = DEFAULT_IMAGE) -> tuple[bool, str]:
+  """(usable?, reason): the engine answers a ping and, if given, the image exists."""
+  try:
+    client = _client()
+    client.ping()
+  except Exception as e:
+    return False, f"no Docker engine reachable ({type(e).__name__}: {e})"
+  if image:
+    try:
+      client.images.get(image)
+    except Exception:
+      return False, f"Docker image {image!r} missing: run launch/images/build_base.sh"
+  return True, "ok"
+
+
+def sweep(client=None, everything: bool = False) -> int:
+  """Removes labelled containers/volumes whose owner pid on this host is dead (or all)."""
+  client = client or _client()
+  host, removed = socket.gethostname(), 0
+  flt = {"label": LABEL}
+  for c in client.containers.list(all=True, filters=flt):
+    if everything or _orphaned(c.labels, host):
+      _remove(c, None)
+      removed += 1
+  for v in client.volumes.list(filters=flt):
+    labels = v.attrs.get("Labels") or {}
+    if everything or _orphaned(labels, host):
+      try:
+        v.remove(force=True)
+      except Exception:  # still attached to a container being removed by another sweep
+        pass
+  return removed
+
+
+def _orphaned(labels: dict, host: str) -> bool:
+  if labels.get(f"{LABEL}.host") != host:
+    return False
+  try:
+    pid = int(labels.get(f"{LABEL}.pid", "0"))
+  except ValueError:
+    return True
+  if pid == os.getpid():
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    return False
+  return False
+
+
+def _remove(container, volume) -> None:
+  try:
+    container.remove(force=True, v=True)
+  except Exception:
+    pass
+  if volume is not None:
+    try:
+      volume.remove(force=True)
+    except Exception:
+      pass
+
+
+def _client():
+  import docker  # imported lazily: the SDK is only needed for this backend
+  return docker.from_env(timeout=120)
+
+
+def _sweep_once(client) -> None:
+  global _swept
+  with _sweep_lock:
+    if _swept:
+      return
+    _swept = True
+  sweep(client)
+  atexit.register(_sweep_own, client)
+
+
+def _sweep_own(client) -> None:
+  # At exit, remove this process's own leftovers (sandboxes nobody closed).
+  flt = {"label": f"{LABEL}.pid={os.getpid()}"}
+  try:
+    for c in client.containers.list(all=True, filters=flt):
+      _remove(c, None)
+    for v in client.volumes.list(filters=flt):
+      v.remove(force=True)
+  except Exception:
+    pass

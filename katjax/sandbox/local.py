@@ -1,0 +1,193 @@
+"""LocalSandbox: a temp workdir and commands run under bubblewrap or, failing that, rlimits.
+
+With bubblewrap (`bwrap`) installed and working: the host root is mounted read-only, the
+workdir read-write, /tmp is a private tmpfs, and network, PID, IPC and UTS namespaces are
+unshared (no network, and killing bwrap kills every process of the command). Without it:
+a plain process group. In both cases the command runs in its own session with rlimits
+(address space, process count, file size, CPU time), and when the host process is root the
+command runs as an unprivileged uid (root ignores RLIMIT_NPROC, so a fork bomb would not be
+contained otherwise). On timeout the whole process group is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+
+from katjax.sandbox.base import DEFAULT_OUTPUT_LIMIT, OutputCap, Sandbox, check_relpath
+
+__all__ = ["LocalSandbox", "bwrap_available"]
+
+NOBODY = 65534
+
+
+class LocalSandbox(Sandbox):
+  """Host-process sandbox; see the module docstring for the isolation it provides."""
+
+  def __init__(self, memory_mb: int = 1024, max_procs: int = 256, max_file_mb: int = 256,
+               cpu_seconds: int = 600, output_limit: int = DEFAULT_OUTPUT_LIMIT,
+               use_bwrap: bool | None = None, uid: int | None = None, root: str | None = None):
+    self.memory_mb, self.max_procs, self.max_file_mb = memory_mb, max_procs, max_file_mb
+    self.cpu_seconds, self.output_limit = cpu_seconds, output_limit
+    self.uid = uid if uid is not None else (NOBODY if os.geteuid() == 0 else None)
+    self.use_bwrap = bwrap_available(self.uid) if use_bwrap is None else use_bwrap
+    if self.use_bwrap and not bwrap_available(self.uid):
+      raise ValueError("use_bwrap=True but bubblewrap is not installed or cannot run here")
+    self.network_isolated = self.use_bwrap
+    self.workdir = os.path.realpath(tempfile.mkdtemp(prefix="katjax-sbx-", dir=root))
+    self._chown(self.workdir)
+    self._lock = threading.Lock()
+    self._procs: set[subprocess.Popen] = set()
+    self._closed = False
+
+  def exec(self, cmd: str, timeout: float = 60.0) -> tuple[str, int, bool]:
+    if self._closed:
+      raise ValueError("exec on a closed sandbox")
+    if timeout <= 0:
+      raise ValueError(f"timeout must be positive, got {timeout}")
+    argv = self._wrap(["bash", "-c", cmd])
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.workdir,
+           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": "/tmp"}
+    kw = {}
+    if self.uid is not None and os.geteuid() == 0:
+      kw = dict(user=self.uid, group=self.uid, extra_groups=[])
+    proc = subprocess.Popen(argv, cwd=self.workdir, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True, preexec_fn=self._limits, **kw)
+    with self._lock:
+      self._procs.add(proc)
+    cap = OutputCap(self.output_limit)
+    reader = threading.Thread(target=_pump, args=(proc.stdout, cap), daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+      proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      timed_out = True
+    finally:
+      # Kill the group even on normal exit: background children must not outlive the call.
+      _killpg(proc.pid)
+      proc.wait()
+      reader.join(timeout=5)
+      with self._lock:
+        self._procs.discard(proc)
+    code = 137 if timed_out else proc.returncode
+    if code < 0:
+      code = 128 - code
+    return cap.text(), code, timed_out
+
+  def write_file(self, path: str, content: str | bytes) -> None:
+    full = self._host_path(path)
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    data = content.encode() if isinstance(content, str) else content
+    with open(full, "wb") as f:
+      f.write(data)
+    self._chown_tree(os.path.dirname(full), full)
+
+  def read_file(self, path: str, max_bytes: int = 1 << 20) -> str:
+    full = self._host_path(path)
+    if not os.path.isfile(full):
+      raise FileNotFoundError(f"no such file in sandbox: {path}")
+    with open(full, "rb") as f:
+      return f.read(max_bytes).decode("utf-8", "replace")
+
+  def upload_dir(self, src: str, dest: str = ".") -> None:
+    if not os.path.isdir(src):
+      raise FileNotFoundError(f"not a directory: {src}")
+    target = self._host_path(dest)
+    shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+    if self.uid is not None and os.geteuid() == 0:
+      for d, dirs, files in os.walk(target):
+        for name in [d] + [os.path.join(d, x) for x in dirs + files]:
+          os.lchown(name, self.uid, self.uid)
+
+  def close(self) -> None:
+    if getattr(self, "_closed", True):
+      return
+    self._closed = True
+    with self._lock:
+      procs = list(self._procs)
+    for p in procs:
+      _killpg(p.pid)
+    shutil.rmtree(self.workdir, ignore_errors=True)
+
+  # -- helpers ---------------------------------------------------------------------------
+
+  def _wrap(self, argv: list[str]) -> list[str]:
+    if not self.use_bwrap:
+      return argv
+    return ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--tmpfs", "/tmp", "--bind", self.workdir, self.workdir,
+            "--unshare-all", "--die-with-parent", "--new-session",
+            "--chdir", self.workdir, "--"] + argv
+
+  def _limits(self):
+    # Runs in the child between fork and exec: only async-signal-safe work (setrlimit).
+    mem = self.memory_mb << 20
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    resource.setrlimit(resource.RLIMIT_NPROC, (self.max_procs, self.max_procs))
+    fsize = self.max_file_mb << 20
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+  def _host_path(self, path: str) -> str:
+    full = os.path.realpath(os.path.join(self.workdir, check_relpath(path)))
+    # realpath resolves symlinks the sandboxed code may have planted (e.g. -> /etc/shadow).
+    if full != self.workdir and not full.startswith(self.workdir + os.sep):
+      raise ValueError(f"sandbox path {path!r} resolves outside the workdir")
+    return full
+
+  def _chown(self, path: str) -> None:
+    if self.uid is not None and os.geteuid() == 0:
+      os.lchown(path, self.uid, self.uid)
+
+  def _chown_tree(self, top: str, leaf: str) -> None:
+    self._chown(leaf)
+    d = top
+    while d.startswith(self.workdir + os.sep):
+      self._chown(d)
+      d = os.path.dirname(d)
+
+
+@functools.lru_cache(maxsize=None)
+def bwrap_available(uid: int | None = None) -> bool:
+  """True when `bwrap` exists and can create its namespaces here (probed once per uid)."""
+  if shutil.which("bwrap") is None:
+    return False
+  kw = {}
+  if uid is not None and os.geteuid() == 0:
+    kw = dict(user=uid, group=uid, extra_groups=[])
+  try:
+    r = subprocess.run(["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                        "--unshare-all", "--die-with-parent", "--", "true"],
+                       capture_output=True, timeout=20, **kw)
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return r.returncode == 0
+
+
+def _pump(stream, cap: OutputCap) -> None:
+  try:
+    while True:
+      chunk = stream.read1(65536)
+      if not chunk:
+        break
+      cap.feed(chunk)
+  except (OSError, ValueError):
+    pass
+  finally:
+    stream.close()
+
+
+def _killpg(pid: int) -> None:
+  try:
+    os.killpg(pid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
