@@ -25,6 +25,9 @@ from katjax.sandbox.base import DEFAULT_OUTPUT_LIMIT, OutputCap, Sandbox, check_
 __all__ = ["LocalSandbox", "bwrap_available"]
 
 NOBODY = 65534
+# The system's tools, not the caller's (a venv or pyenv under /root is unreadable to the
+# unprivileged sandbox user): tasks need python3 with pytest, and git, installed system-wide.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class LocalSandbox(Sandbox):
@@ -32,9 +35,10 @@ class LocalSandbox(Sandbox):
 
   def __init__(self, memory_mb: int = 1024, max_procs: int = 256, max_file_mb: int = 256,
                cpu_seconds: int = 600, output_limit: int = DEFAULT_OUTPUT_LIMIT,
-               use_bwrap: bool | None = None, uid: int | None = None, root: str | None = None):
+               use_bwrap: bool | None = None, uid: int | None = None, root: str | None = None,
+               path: str = SYSTEM_PATH):
     self.memory_mb, self.max_procs, self.max_file_mb = memory_mb, max_procs, max_file_mb
-    self.cpu_seconds, self.output_limit = cpu_seconds, output_limit
+    self.cpu_seconds, self.output_limit, self.path = cpu_seconds, output_limit, path
     self.uid = uid if uid is not None else (NOBODY if os.geteuid() == 0 else None)
     self.use_bwrap = bwrap_available(self.uid) if use_bwrap is None else use_bwrap
     if self.use_bwrap and not bwrap_available(self.uid):
@@ -52,7 +56,7 @@ class LocalSandbox(Sandbox):
     if timeout <= 0:
       raise ValueError(f"timeout must be positive, got {timeout}")
     argv = self._wrap(["bash", "-c", cmd])
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.workdir,
+    env = {"PATH": self.path, "HOME": self.workdir,
            "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": "/tmp"}
     kw = {}
     if self.uid is not None and os.geteuid() == 0:
