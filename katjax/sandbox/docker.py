@@ -36,6 +36,11 @@ USER = "1000:1000"
 KEEPER_USER = "65534:65534"
 WORKDIR = "/work"
 
+_KILL_ALL = ("for round in 1 2 3 4; do n=0; for p in /proc/[0-9]*; do "
+             "while read -r k u _; do if [ \"$k\" = Uid: ]; then "
+             "[ \"$u\" = 1000 ] && kill -9 \"${p#/proc/}\" 2>/dev/null && n=$((n+1)); break; fi; "
+             "done < \"$p/status\"; done 2>/dev/null; [ $n = 0 ] && break; done")
+
 _swept = False
 _sweep_lock = threading.Lock()
 
@@ -48,6 +53,7 @@ class DockerSandbox(Sandbox):
                output_limit: int = DEFAULT_OUTPUT_LIMIT, client=None):
     self.client = client or _client()
     self.output_limit = output_limit
+    self.nproc = max(pids_limit - 16, 8)
     self.workdir = WORKDIR
     self._closed = True
     _sweep_once(self.client)
@@ -79,7 +85,10 @@ class DockerSandbox(Sandbox):
       raise ValueError("exec on a closed sandbox")
     if timeout <= 0:
       raise ValueError(f"timeout must be positive, got {timeout}")
-    argv = ["timeout", "-s", "KILL", f"{timeout:g}", "bash", "-c", cmd]
+    # The per-user process limit keeps a fork bomb below the container's PID limit, so the
+    # cleanup exec below can still start.
+    argv = ["bash", "-c", f"ulimit -u {self.nproc} 2>/dev/null; "
+            f"exec timeout -s KILL {timeout:g} bash -c \"$0\"", cmd]
     cap, code, start = OutputCap(self.output_limit), None, time.monotonic()
     api = self.client.api
     try:
@@ -98,11 +107,14 @@ class DockerSandbox(Sandbox):
       done.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    # Background children keep the stream open past `timeout`; the host deadline ends it.
+    # Background children may keep the stream open past `timeout`; the host deadline ends it.
     if not done.wait(timeout + 10):
       self._kill_user_processes()
       done.wait(5)
     code = api.exec_inspect(exec_id).get("ExitCode")
+    # No process outlives its command (as in LocalSandbox): stray background jobs and fork
+    # bombs are killed here.
+    self._kill_user_processes()
     elapsed = time.monotonic() - start
     if code is None:  # still running after the kill: report as a timeout
       code = 137
@@ -165,8 +177,11 @@ class DockerSandbox(Sandbox):
     return out
 
   def _kill_user_processes(self) -> None:
+    # Root with CAP_KILL (a privileged exec; the container itself keeps no capabilities)
+    # kills every uid-1000 process, using bash builtins only so it needs no extra PIDs.
     try:
-      exec_id = self.client.api.exec_create(self.container.id, ["kill", "-9", "-1"], user=USER)
+      exec_id = self.client.api.exec_create(self.container.id, ["bash", "-c", _KILL_ALL],
+                                            user="0:0", privileged=True)
       self.client.api.exec_start(exec_id["Id"])
     except Exception:
       pass
