@@ -1,0 +1,139 @@
+"""Agent loop: concurrency of tool calls, token-exact records, malformed calls, limits.
+
+A scripted backend plays the model (fixed assistant texts, token ids from the tokenizer) so
+the expected conversation is known independently of the loop.
+"""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from katjax.envs.base import Environment, tool_spec
+from katjax.model import ByteTokenizer
+from katjax.rollout.agent import (EVENT_TOOL_CALL, EVENT_TOOL_ERROR, EVENT_TOOL_RESULT,
+                                  AgentLimits, run_episode)
+from katjax.rollout.sampler import Completion, SamplingParams
+
+TOK = ByteTokenizer()
+
+
+def call(name, **args):
+  return f'<tool_call>\n{json.dumps({"name": name, "arguments": args})}\n</tool_call>'
+
+
+class Scripted:
+  """Backend returning fixed texts (+ <|im_end|>); records the prompts it was given."""
+
+  def __init__(self, texts, close=True):
+    self.texts, self.close, self.prompts, self.generated = list(texts), close, [], []
+
+  def generate(self, prompts, params, n=1, seed=0, cancelled=None):
+    (prompt,) = prompts
+    self.prompts.append([int(t) for t in prompt])
+    text = self.texts[min(len(self.generated), len(self.texts) - 1)]
+    ids = TOK.encode(text) + ([TOK.eos_id] if self.close else [])
+    cut = ids[:params.max_new_tokens]
+    self.generated.append(cut)
+    k = len(cut)
+    rng = np.random.default_rng(len(self.generated))
+    return [[Completion(tokens=np.array(cut, np.int32),
+                        logprobs=-rng.random(k).astype(np.float32),
+                        raw_logprobs=-rng.random(k).astype(np.float32),
+                        entropies=rng.random(k).astype(np.float32),
+                        finish_reason="stop" if cut and cut[-1] == TOK.eos_id else "length",
+                        prompt_len=len(prompt))]]
+
+
+class SleepEnv(Environment):
+  def reset(self, task):
+    self.done = False
+    self.tools = [tool_spec("nap", "sleep", {"seconds": {"type": "number"}}),
+                  tool_spec("submit", "finish", {"answer": {"type": "string"}})]
+    self.answer = None
+    return [{"role": "user", "content": task["q"]}], self.tools
+
+  def tool_nap(self, seconds):
+    time.sleep(float(seconds))
+    return f"slept {seconds}"
+
+  def tool_submit(self, answer):
+    self.answer, self.done = answer, True
+    return "ok"
+
+  def evaluate(self):
+    return float(self.answer == "42"), {"answer": self.answer}
+
+
+def test_parallel_calls_run_concurrently_and_record_is_token_exact():
+  backend = Scripted([call("nap", seconds=0.5) + "\n" + call("nap", seconds=0.5),
+                      "thinking\n" + call("submit", answer="42")])
+  t0 = time.monotonic()
+  ro = run_episode(backend, TOK, SleepEnv(), {"q": "answer?"})
+  elapsed = time.monotonic() - t0
+  assert elapsed < 0.85, f"two 0.5 s tools took {elapsed:.2f} s: not concurrent"
+  assert ro.finish_reason == "submitted" and ro.reward == 1.0
+  assert ro.num_tool_calls == 3 and ro.parallel_turns == 1 and ro.num_tool_errors == 0
+  # every prompt the model saw is exactly the recorded prefix before its turn
+  assert len(backend.prompts) == ro.num_turns == 2
+  for k, prompt in enumerate(backend.prompts):
+    assert prompt == ro.tokens[:ro.turn_starts[k]].tolist()
+  # mask 1 exactly on generated tokens, which are the model's ids verbatim
+  np.testing.assert_array_equal(ro.tokens[ro.loss_mask == 1], sum(backend.generated, []))
+  for k in range(ro.num_turns):
+    assert ro.loss_mask[ro.turn_starts[k]:ro.turn_ends[k]].all()
+  assert ro.loss_mask.sum() == sum(len(g) for g in backend.generated)
+  assert (ro.logprobs[ro.loss_mask == 0] == 0).all()
+  # independent check: the token sequence is the chat template of the final conversation
+  # (the episode ended after tool results, so the next assistant header closes the record)
+  rendered = TOK.render_chat(ro.messages, SleepEnv().reset({"q": ""})[1],
+                             add_generation_prompt=True)
+  assert TOK.decode(ro.tokens) == rendered
+  # event flags: call tokens are the <tool_call> blocks, result tokens hold the results
+  call_text = TOK.decode(ro.tokens[(ro.events & EVENT_TOOL_CALL) > 0])
+  assert call_text.count("<tool_call>") == 3 and call_text.count("</tool_call>") == 3
+  assert "thinking" not in call_text
+  result_text = TOK.decode(ro.tokens[(ro.events & EVENT_TOOL_RESULT) > 0])
+  assert result_text.count("slept 0.5") == 2 and "ok" in result_text
+  assert not (ro.events & EVENT_TOOL_RESULT)[ro.loss_mask == 1].any()
+
+
+def test_malformed_calls_become_error_observations():
+  backend = Scripted([
+      "<tool_call>\n{not json}\n</tool_call>\n" + call("teleport", where="moon") + "\n"
+      + call("nap", duration=1),
+      "no more tools, the answer is 42"])
+  ro = run_episode(backend, TOK, SleepEnv(), {"q": "?"})
+  assert ro.finish_reason == "answer" and ro.reward == 0.0
+  assert ro.num_tool_errors == 3 and ro.num_tool_calls == 3
+  tool_msgs = [m for m in ro.messages if m["role"] == "tool"]
+  assert len(tool_msgs) == 3 and all(m["content"].startswith("Error") for m in tool_msgs)
+  assert "unknown tool 'teleport'" in " ".join(m["content"] for m in tool_msgs)
+  assert (ro.events & EVENT_TOOL_ERROR).any()
+
+
+def test_limits_turns_tokens_time():
+  loop = Scripted([call("nap", seconds=0)])
+  ro = run_episode(loop, TOK, SleepEnv(), {"q": "?"}, limits=AgentLimits(max_turns=3))
+  assert ro.finish_reason == "max_turns" and ro.num_turns == 3
+  budget = len(TOK.encode_chat(*SleepEnv().reset({"q": "?"}), add_generation_prompt=True)[0])
+  ro = run_episode(Scripted([call("nap", seconds=0)]), TOK, SleepEnv(), {"q": "?"},
+                   limits=AgentLimits(max_tokens=budget + 20))
+  assert ro.finish_reason == "max_tokens" and len(ro.tokens) <= budget + 20
+  assert ro.loss_mask.sum() == 20
+  slow = Scripted([call("nap", seconds=0.3)])
+  ro = run_episode(slow, TOK, SleepEnv(), {"q": "?"},
+                   limits=AgentLimits(max_turns=50, max_seconds=0.5))
+  assert ro.finish_reason == "timeout" and ro.num_turns <= 3
+
+
+def test_unclosed_turn_ends_episode():
+  ro = run_episode(Scripted(["partial answer"], close=False), TOK, SleepEnv(), {"q": "?"},
+                   SamplingParams(max_new_tokens=64))
+  assert ro.finish_reason == "length" and ro.num_turns == 1
+
+
+def test_bad_limits():
+  with pytest.raises(ValueError, match="max_turns"):
+    AgentLimits(max_turns=0)
