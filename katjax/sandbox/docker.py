@@ -87,8 +87,12 @@ class DockerSandbox(Sandbox):
       raise ValueError(f"timeout must be positive, got {timeout}")
     # The per-user process limit keeps a fork bomb below the container's PID limit, so the
     # cleanup exec below can still start.
+    # `ulimit -u` keeps a fork bomb below the container's PID limit so cleanup can still
+    # start; the trailing `kill -9 -1` (as the command user: the keep-alive process runs as
+    # another uid) ends background jobs, so no process outlives its command.
     argv = ["bash", "-c", f"ulimit -u {self.nproc} 2>/dev/null; "
-            f"exec timeout -s KILL {timeout:g} bash -c \"$0\"", cmd]
+            f"timeout -s KILL {timeout:g} bash -c \"$1\"; rc=$?; "
+            "for i in 1 2 3; do kill -9 -1 2>/dev/null; done; exit $rc", "sandbox", cmd]
     cap, code, start = OutputCap(self.output_limit), None, time.monotonic()
     api = self.client.api
     try:
@@ -112,9 +116,8 @@ class DockerSandbox(Sandbox):
       self._kill_user_processes()
       done.wait(5)
     code = api.exec_inspect(exec_id).get("ExitCode")
-    # No process outlives its command (as in LocalSandbox): stray background jobs and fork
-    # bombs are killed here.
-    self._kill_user_processes()
+    if code is None or code == 137:
+      self._kill_user_processes()  # timed out: make sure nothing of it survives
     elapsed = time.monotonic() - start
     if code is None:  # still running after the kill: report as a timeout
       code = 137
