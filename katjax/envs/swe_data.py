@@ -1,0 +1,253 @@
+"""SWE task data: curation from local GitHub dumps, and SWE-smith style bug synthesis.
+
+(a) `curate(repos, pulls, issues)`: keep merged PRs of well-starred repos that resolve an
+    issue ("fixes #N") of sufficient quality and change both tests and source; the PR diff
+    is split into `patch` (source) and `test_patch` (tests). FAIL_TO_PASS / PASS_TO_PASS are
+    left empty: they come from running the tests (`validate` in a sandbox), not from metadata.
+(b) `synthesize(repo_dir, ...)`: mutate one function of a Python repo with tests (flip an
+    operator, drop a branch, off-by-one), keep the mutation if some tests pass before and
+    fail after (FAIL_TO_PASS) while others pass in both (PASS_TO_PASS); the buggy tree is
+    committed as base_commit, the gold patch is the reverse diff, the issue text is written
+    from the failing tests. `seed_tasks(root)` does this for the package's own mini repo.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import random
+import re
+import shlex
+import subprocess
+
+from katjax.envs.swe_grade import diff_files, is_test_path, parse_pytest_log
+
+__all__ = ["curate", "split_diff", "synthesize", "mutations", "seed_tasks", "MINI_REPO"]
+
+_LINK = re.compile(r"\b(?:close[sd]?|fix(?:e[sd])?|resolve[sd]?)\s+#(\d+)", re.I)
+
+
+def curate(repos: list[dict], pulls: list[dict], issues: list[dict], min_stars: int = 100,
+           min_pr_activity: int = 1, min_issue_chars: int = 40) -> list[dict]:
+  """Task candidates from dumps of repos {full_name, stargazers_count}, PRs {repo, number,
+  title, body, merged, base_sha, diff, comments, review_comments} and issues {repo, number,
+  title, body, is_pull_request?}."""
+  stars = {r["full_name"]: int(r.get("stargazers_count", 0)) for r in repos}
+  issue_by = {(i["repo"], int(i["number"])): i for i in issues if not i.get("is_pull_request")}
+  out = []
+  for pr in pulls:
+    repo = pr.get("repo")
+    if stars.get(repo, 0) < min_stars or not pr.get("merged"):
+      continue
+    if int(pr.get("comments", 0)) + int(pr.get("review_comments", 0)) < min_pr_activity:
+      continue
+    linked = [issue_by.get((repo, int(n))) for n in _LINK.findall(
+      f"{pr.get('title', '')}\n{pr.get('body') or ''}")]
+    linked = [i for i in linked if i and len((i.get("body") or "").strip()) >= min_issue_chars]
+    if not linked:
+      continue
+    patch, test_patch = split_diff(pr.get("diff", ""))
+    if not patch or not test_patch:
+      continue
+    out.append({
+      "repo": repo, "instance_id": f"{repo.replace('/', '__')}-{pr['number']}",
+      "base_commit": pr.get("base_sha", ""), "patch": patch, "test_patch": test_patch,
+      "problem_statement": "\n\n".join(f"{i['title']}\n{i['body'].strip()}" for i in linked),
+      "FAIL_TO_PASS": [], "PASS_TO_PASS": [], "created_at": pr.get("created_at")})
+  return out
+
+
+def split_diff(diff: str) -> tuple[str, str]:
+  """(source part, test part) of a git diff, split per file by `is_test_path`."""
+  chunks = re.split(r"(?m)^(?=diff --git )", diff)
+  src, tests = [], []
+  for chunk in chunks:
+    files = diff_files(chunk)
+    if files:
+      (tests if is_test_path(files[0]) else src).append(chunk)
+  return "".join(src), "".join(tests)
+
+
+def mutations(source: str) -> list[tuple[str, int, str]]:
+  """Every single-site mutation of a module: (kind, line, mutated source). Deterministic."""
+  tree = ast.parse(source)
+  lines = source.splitlines(keepends=True)
+  out = []
+  swaps = {ast.Add: "-", ast.Sub: "+", ast.Mult: "//", ast.Lt: "<=", ast.LtE: "<",
+           ast.Gt: ">=", ast.GtE: ">", ast.Eq: "!=", ast.NotEq: "=="}
+  symbols = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Lt: "<", ast.LtE: "<=",
+             ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
+  for node in ast.walk(tree):
+    if isinstance(node, ast.BinOp) and type(node.op) in swaps:
+      pair = (node.left, node.right, type(node.op))
+    elif isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in swaps:
+      pair = (node.left, node.comparators[0], type(node.ops[0]))
+    else:
+      pair = None
+    if pair and pair[0].end_lineno == pair[1].lineno:
+      left, right, op = pair
+      line = lines[left.end_lineno - 1]
+      gap = line[left.end_col_offset:right.col_offset]
+      if gap.strip() == symbols[op]:
+        new = line[:left.end_col_offset] + gap.replace(symbols[op], swaps[op]) + line[right.col_offset:]
+        out.append(("flip_operator", left.end_lineno, _replace_line(lines, left.end_lineno, new)))
+    if (isinstance(node, ast.Constant) and type(node.value) is int
+        and node.lineno == node.end_lineno):
+      line = lines[node.lineno - 1]
+      new = line[:node.col_offset] + str(node.value + 1) + line[node.end_col_offset:]
+      out.append(("off_by_one", node.lineno, _replace_line(lines, node.lineno, new)))
+    if isinstance(node, ast.If) and node.test.lineno == node.test.end_lineno:
+      line = lines[node.test.lineno - 1]
+      new = line[:node.test.col_offset] + "False" + line[node.test.end_col_offset:]
+      out.append(("drop_branch", node.lineno, _replace_line(lines, node.test.lineno, new)))
+  return sorted(out, key=lambda m: (m[1], m[0], m[2]))
+
+
+def synthesize(repo_dir: str, max_tasks: int = 5, seed: int = 0, make_sandbox=None,
+               timeout: float = 60.0) -> list[dict]:
+  """Bug tasks from one-site mutations of a git repo's non-test .py files (see module doc).
+
+  Each kept task's buggy tree is committed on a detached HEAD (base_commit) in `repo_dir`;
+  the repo is left checked out at its original commit.
+  """
+  if make_sandbox is None:
+    from katjax.sandbox import make_sandbox as _make
+    make_sandbox = lambda: _make("local")  # noqa: E731
+  orig = _git(repo_dir, "rev-parse", "HEAD").strip()
+  files = [f for f in _git(repo_dir, "ls-files", "*.py").split() if not is_test_path(f)]
+  before = _run_tests(repo_dir, make_sandbox, timeout)
+  passing = sorted(t for t, s in before.items() if s == "PASSED")
+  if not passing:
+    raise ValueError(f"no passing tests in {repo_dir}: synthesis needs a green test suite")
+  candidates = []
+  for f in files:
+    with open(os.path.join(repo_dir, f)) as fh:
+      src = fh.read()
+    candidates += [(f, kind, line, mutated) for kind, line, mutated in mutations(src)]
+  random.Random(seed).shuffle(candidates)
+  tasks = []
+  for f, kind, line, mutated in candidates:
+    if len(tasks) >= max_tasks:
+      break
+    path = os.path.join(repo_dir, f)
+    with open(path) as fh:
+      original = fh.read()
+    with open(path, "w") as fh:
+      fh.write(mutated)
+    try:
+      after = _run_tests(repo_dir, make_sandbox, timeout)
+      f2p = [t for t in passing if after.get(t) != "PASSED"]
+      p2p = [t for t in passing if after.get(t) == "PASSED"]
+      if f2p and p2p:
+        _git(repo_dir, "checkout", "-q", "--detach")
+        _git(repo_dir, "commit", "-q", "-am", f"synthetic bug: {kind} in {f}:{line}")
+        base = _git(repo_dir, "rev-parse", "HEAD").strip()
+        gold = _git(repo_dir, "diff", base, orig, "--", f)
+        tasks.append({
+          "repo": os.path.basename(os.path.abspath(repo_dir)), "repo_path": os.path.abspath(repo_dir),
+          "instance_id": f"synth-{seed}-{len(tasks)}", "base_commit": base, "patch": gold,
+          "test_patch": "", "FAIL_TO_PASS": f2p, "PASS_TO_PASS": p2p,
+          "problem_statement": _issue_text(f2p, after), "mutation": f"{kind} {f}:{line}"})
+    finally:
+      _git(repo_dir, "checkout", "-q", "-f", orig)
+  return tasks
+
+
+def seed_tasks(root: str, max_tasks: int = 4, seed: int = 0, make_sandbox=None) -> list[dict]:
+  """Materialises the package's mini repo under `root` and synthesises tasks from it."""
+  repo = os.path.join(root, "minirepo")
+  for path, text in MINI_REPO.items():
+    full = os.path.join(repo, path)
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "w") as f:
+      f.write(text)
+  _git(repo, "init", "-q")
+  _git(repo, "add", "-A")
+  _git(repo, "commit", "-q", "-m", "minirepo")
+  return synthesize(repo, max_tasks=max_tasks, seed=seed, make_sandbox=make_sandbox)
+
+
+def _run_tests(repo_dir, make_sandbox, timeout) -> dict[str, str]:
+  sb = make_sandbox()
+  try:
+    sb.upload_dir(repo_dir)
+    out, _, timed_out = sb.exec("python3 -m pytest -rA -p no:cacheprovider 2>&1", timeout=timeout)
+  finally:
+    sb.close()
+  return {} if timed_out else parse_pytest_log(out)
+
+
+def _issue_text(f2p: list[str], after: dict) -> str:
+  names = ", ".join(shlex.quote(t) for t in f2p[:5])
+  more = f" (and {len(f2p) - 5} more)" if len(f2p) > 5 else ""
+  return (f"After a recent change these tests fail: {names}{more}. They passed before and "
+          "the tests are correct; please find and fix the bug in the library code.")
+
+
+def _replace_line(lines: list[str], lineno: int, new: str) -> str:
+  return "".join(lines[:lineno - 1] + [new] + lines[lineno:])
+
+
+def _git(repo, *args) -> str:
+  env = dict(os.environ, GIT_AUTHOR_NAME="katjax", GIT_AUTHOR_EMAIL="katjax@localhost",
+             GIT_COMMITTER_NAME="katjax", GIT_COMMITTER_EMAIL="katjax@localhost",
+             GIT_AUTHOR_DATE="2024-01-01T00:00:00Z", GIT_COMMITTER_DATE="2024-01-01T00:00:00Z")
+  r = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, env=env)
+  if r.returncode != 0:
+    raise RuntimeError(f"git {' '.join(args)} failed in {repo}: {r.stderr.strip()}")
+  return r.stdout
+
+
+MINI_REPO = {
+  "minilib/__init__.py": '''"""A little library the package synthesises bug-fix tasks from."""
+
+
+def clamp(x, lo, hi):
+    if x < lo:
+        return lo
+    if x > hi:
+        return hi
+    return x
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def count_words(text):
+    return len([w for w in text.split() if w])
+
+
+def fib(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+''',
+  "tests/test_minilib.py": '''from minilib import clamp, count_words, fib, mean
+
+
+def test_clamp_low():
+    assert clamp(-5, 0, 10) == 0
+
+
+def test_clamp_high():
+    assert clamp(50, 0, 10) == 10
+
+
+def test_clamp_inside():
+    assert clamp(3, 0, 10) == 3
+
+
+def test_mean():
+    assert mean([1, 2, 3, 6]) == 3
+
+
+def test_count_words():
+    assert count_words("a bb  ccc") == 3
+
+
+def test_fib():
+    assert [fib(i) for i in range(7)] == [0, 1, 1, 2, 3, 5, 8]
+''',
+}
