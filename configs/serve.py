@@ -1,0 +1,18 @@
+"""Serving config: the tiny model (random weights unless serve.checkpoint is set) on loopback.
+
+    python -m katjax.launch --stage=serve --config=configs/serve.py \
+        --config.serve.checkpoint=/tmp/smollm2-hf --config.serve.port=8000
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny  # noqa: E402
+
+
+def get_config():
+  c = tiny.get_config()
+  c.serve = dict(checkpoint="", host="127.0.0.1", port=8000, model_name="katjax",
+                 max_len=2048, max_batch=16, max_queue=64, chunk=32, duration_s=0.0, seed=0)
+  return c

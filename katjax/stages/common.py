@@ -1,0 +1,49 @@
+"""Glue shared by the mid-training and SFT stages: tokenizer, data files, summary print."""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+
+from katjax.data import write_default_data
+
+
+def make_tokenizer(config):
+  """`config.tokenizer`: "byte" -> ByteTokenizer, else a path to a tokenizer.json."""
+  from katjax.model.tokenizer import ByteTokenizer, Tokenizer
+  name = config.tokenizer
+  if name == "byte":
+    return ByteTokenizer()
+  if not os.path.exists(name):
+    raise ValueError(f"config.tokenizer: {name!r} is neither 'byte' nor an existing "
+                     f"tokenizer.json path")
+  return Tokenizer.from_file(name)
+
+
+def data_files(config, workdir: str, stage: str) -> tuple[str, str]:
+  """(train, eval) JSONL paths; empty config entries use the embedded synthetic data."""
+  train, evals = config.data.train_file, config.data.eval_file
+  if not train or not evals:
+    paths = write_default_data(os.path.join(workdir, "data"))
+    train = train or paths[f"{stage}_train"]
+    evals = evals or paths[f"{stage}_eval"]
+  return train, evals
+
+
+def report(stage: str, data, summary: dict) -> None:
+  """Print what the run did (the demo's output)."""
+  s = data.stats
+  losses = summary["losses"]
+  print(f"[{stage}] packed {s.sequences} sequences into {s.rows} rows of {s.seq_len} "
+        f"(efficiency {s.efficiency:.1%}, {s.split} split, {s.dropped} untrainable pieces dropped, {len(data.errors)} bad lines "
+        f"skipped, {s.loss_tokens} loss tokens)")
+  if losses:
+    steps = sorted(losses)
+    print(f"[{stage}] steps {summary['start_step']}->{summary['steps']}: loss " +
+          " ".join(f"{k}:{losses[k]:.3f}" for k in steps))
+  for k, v in sorted(summary["eval_loss"].items()):
+    print(f"[{stage}] eval loss at step {k}: {v:.4f}")
+  print(f"[{stage}] skipped steps: {summary['skipped']}; checkpoints and TensorBoard logs in "
+        f"{summary['workdir']}")
+  logging.info("%s done: %s", stage, {k: v for k, v in summary.items() if k != "state"})
