@@ -167,8 +167,10 @@ class PrefixTree:
       pos_weight P_t = sum_{A_b > 0} w_b m_b(t) A_b    neg_weight N_t = same over A_b < 0
       kl_weight  K_t = sum_b w_b m_b(t)
       count_t (pos_count_t, neg_count_t) = sum_b m_b(t) (over A_b > 0, A_b < 0): for metrics
-    denom: total trained tokens (token-mean) or the number of branches with at least one
-    trained token (seq-mean-*), so loss = sum_t loss_t / denom is the flat mean.
+    denom float32[T]: the loss denominator spread over tokens, so that sum_t denom_t is the
+    total trained tokens (token-mean: denom_t = count_t) or the number of branches with a
+    trained token (seq-mean-*: 1 at each such branch's last token); per-token so every
+    packed array is [R, S] and any split of rows keeps its share.
     """
     if norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -183,9 +185,11 @@ class PrefixTree:
     out = {"pos_weight": (w * a * pos) @ m, "neg_weight": (w * a * neg) @ m,
            "kl_weight": w @ m, "count": m.sum(axis=0), "pos_count": pos.astype(float) @ m,
            "neg_count": neg.astype(float) @ m}
-    out = {k: v.astype(np.float32) for k, v in out.items()}
-    out["denom"] = np.float32(lengths.sum() if norm == "token-mean" else np.sum(lengths > 0))
-    return out
+    if norm == "token-mean":
+      out["denom"] = out["count"]
+    else:
+      out["denom"] = np.bincount(self.branch_end[lengths > 0], minlength=self.num_tokens)
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
   def trajectories(self) -> list[Trajectory]:
     """The flat trajectories, in branch order (exactly those given to `build_tree`)."""

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-# Arrays [R, S] / [R] the loss needs on device (`TreeBatch.arrays()`); the rest is host-side.
+# Arrays [R, S] the loss needs on device (`TreeBatch.arrays()`); the rest is host-side.
 DEVICE_KEYS = ("tokens", "positions", "subtree_end", "parent", "pos_weight", "neg_weight",
                "kl_weight", "count", "pos_count", "neg_count", "mult", "rollout_logp",
                "denom")
@@ -25,7 +25,7 @@ class TreeBatch:
   token, -1 for roots and padding) int32; pos_weight P, neg_weight N, kl_weight K, count,
   pos_count, neg_count float32 (see `PrefixTree.token_weights`); mult int32 (branches
   through the token, 0 on padding); rollout_logp, entropy float32; flags int32.
-  Per row: denom float32[R] (sum over rows = the loss denominator for `norm`).
+  denom float32[R, S] (its sum is the loss denominator for `norm`).
   Host-side, for `unpack`: mask int8[R, S] (mask of the lowest branch through the token),
   mask_exceptions int32[E, 3] (branch, row, index where that branch's mask differs),
   per branch (all trees, input order): branch_row, branch_end int32; advantages, rewards
@@ -144,8 +144,8 @@ def _fill(trees, placement, n_rows, size, norm) -> "TreeBatch":
   a = {"tokens": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32),
        "subtree_end": (idx + 1).astype(np.int32), "parent": np.full(shape, -1, np.int32),
        "mult": np.zeros(shape, np.int32), "flags": np.zeros(shape, np.int32),
-       "mask": np.zeros(shape, np.int8), "denom": np.zeros(n_rows, np.float32)}
-  for k in ("pos_weight", "neg_weight", "kl_weight", "count", "pos_count", "neg_count",
+       "mask": np.zeros(shape, np.int8)}
+  for k in ("denom", "pos_weight", "neg_weight", "kl_weight", "count", "pos_count", "neg_count",
             "rollout_logp", "entropy"):
     a[k] = np.zeros(shape, np.float32)
   branch = {k: [] for k in ("branch_row", "branch_end", "advantages", "rewards", "group_ids",
@@ -161,9 +161,7 @@ def _fill(trees, placement, n_rows, size, norm) -> "TreeBatch":
     a["flags"][r, s] = tree.flags
     a["rollout_logp"][r, s] = tree.logprobs
     a["entropy"][r, s] = tree.entropy
-    weights = tree.token_weights(norm)
-    a["denom"][r] += weights.pop("denom")
-    for k, v in weights.items():
+    for k, v in tree.token_weights(norm).items():
       a[k][r, s] = v
     # Mask of the lowest branch through each token, plus where other branches differ.
     first = np.argmax(tree.node_member, axis=1)[tree.node_of]

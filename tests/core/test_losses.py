@@ -136,7 +136,7 @@ def test_clip_fraction_counts_flat_tokens():
   batch = {"pos_weight": jnp.array([[0.0, 2.0]]), "neg_weight": jnp.array([[0.0, -1.0]]),
            "kl_weight": jnp.array([[0.0, 2.0]]), "count": jnp.array([[0.0, 2.0]]),
            "pos_count": jnp.array([[0.0, 1.0]]), "neg_count": jnp.array([[0.0, 1.0]]),
-           "mult": jnp.array([[2, 2]]), "denom": jnp.array([2.0])}
+           "mult": jnp.array([[2, 2]]), "denom": jnp.array([[0.0, 2.0]])}
   logp, old = jnp.array([[0.0, np.log(1.5)]]), jnp.zeros((1, 2))
   loss, m = tree_policy_loss(logp, old, batch, PolicyLossConfig())
   assert float(m["clipped_tokens"]) == 1.0  # only the positive branch is clipped
