@@ -1,0 +1,222 @@
+"""Entropy-based pruning of trajectory prefix trees under a token budget (DESIGN.md section 3).
+
+The selection works on a plain node-level view (`Nodes`, pre-order, parent -1 for a root):
+  H(n)    summed entropy of the trainable tokens of n
+  p(n)    reach = branches through n / branches of the group
+  LTE(n)  = H(n) + gamma sum_c p(c|n) LTE(c),   priority = p(n) LTE(n) / cost(n)
+Protected nodes (tool calls, tool results, memory events, multi-tool-call turns) and the
+path to them rank ahead of the rest (`protect_first`). Best-first expansion from the roots
+keeps nodes until the next one does not fit, so the kept set is ancestor-closed and never
+over budget. `select` runs the jit kernel (`prune_jit`); `select_reference` is the plain
+heapq version it must equal. The baselines share the same expansion: "truncation" cuts
+every trajectory's tail at one common length (priority = -end position), "random" uses
+random priorities.
+
+Tree level: `node_stats` turns a `PrefixTree` into `Nodes`, first splitting long nodes at
+turn boundaries (trained <-> untrained, tool-result start/end) so one long tool output does
+not eat the budget; `prune_tree` returns the pruned tree (rebuilt from the kept prefix of
+every branch, so P, N, K are over kept tokens only); `prune_groups` is what the RL trainer
+calls: one joint budget over all groups of a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from typing import NamedTuple
+
+import numpy as np
+
+from katjax.core import prune_jit
+
+SELECTORS = ("entropy", "truncation", "random")
+
+
+class Nodes(NamedTuple):
+  """Node-level view. All [N], pre-order (parent[i] < i, -1 for a root).
+
+  cost int32 (tokens), entropy float32 (summed entropy of trainable tokens), branches
+  float32 (branches through the node; any positive scale per tree), protected bool,
+  signal float32 (sum over the node's tokens of H_t (|P_t| + |N_t|), for the report).
+  """
+
+  parent: np.ndarray
+  cost: np.ndarray
+  entropy: np.ndarray
+  branches: np.ndarray
+  protected: np.ndarray
+  signal: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  """Pruning options. protect_flags: event bits (tree.TOOL_CALL | ...) that protect a node;
+  protect_multi_call: also protect turns with >= 2 separate tool-call spans;
+  split_turns / max_node_tokens: split nodes at turn boundaries / into pieces of at most
+  this many tokens (0: no limit); norm: loss normaliser used for P, N (the signal weight).
+  """
+
+  gamma: float = 0.9
+  protect_first: bool = True
+  selector: str = "entropy"
+  seed: int = 0
+  split_turns: bool = True
+  max_node_tokens: int = 0
+  protect_flags: int = 7  # TOOL_CALL | TOOL_RESULT | MEMORY
+  protect_multi_call: bool = True
+  norm: str = "token-mean"
+
+  def __post_init__(self):
+    if self.selector not in SELECTORS:
+      raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+    if not 0.0 <= float(self.gamma) <= 1.0:
+      raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
+    if self.max_node_tokens < 0:
+      raise ValueError(f"max_node_tokens must be >= 0, got {self.max_node_tokens}")
+
+
+def make_nodes(parent, cost, entropy, branches=None, protected=None, signal=None):
+  """Nodes from array-likes, validated; NaN/inf entropies become 0. Returns (Nodes, nan_count)."""
+  parent = np.asarray(parent, np.int64)
+  n = parent.size
+  if parent.ndim != 1 or n == 0:
+    raise ValueError(f"parent must be a non-empty 1-D array, got shape {parent.shape}")
+  idx = np.arange(n)
+  if np.any(parent >= idx) or np.any(parent < -1):
+    bad = int(np.flatnonzero((parent >= idx) | (parent < -1))[0])
+    raise ValueError(f"nodes must be in pre-order with parent in [-1, i): node {bad} has "
+                     f"parent {int(parent[bad])}")
+  ent, nan_count = clean_entropy(entropy)
+  arrays = {"cost": np.asarray(cost), "entropy": ent,
+            "branches": np.ones(n) if branches is None else np.asarray(branches),
+            "protected": np.zeros(n, bool) if protected is None else np.asarray(protected),
+            "signal": ent if signal is None else clean_entropy(signal)[0]}
+  for name, a in arrays.items():
+    if a.shape != (n,):
+      raise ValueError(f"{name} has shape {a.shape}, expected ({n},) like parent")
+  if np.any(arrays["cost"] < 1):
+    raise ValueError("every node must cost at least 1 token")
+  if not np.all(np.isfinite(arrays["branches"])) or np.any(arrays["branches"] <= 0):
+    raise ValueError("branches must be finite and > 0 on every node")
+  nodes = Nodes(parent.astype(np.int32), arrays["cost"].astype(np.int32),
+                ent.astype(np.float32), arrays["branches"].astype(np.float32),
+                arrays["protected"].astype(bool), arrays["signal"].astype(np.float32))
+  return nodes, nan_count
+
+
+def clean_entropy(x):
+  """(float32[...] with NaN/inf replaced by 0 and negatives clipped to 0, count replaced)."""
+  x = np.asarray(x, np.float32)
+  bad = ~np.isfinite(x)
+  return np.where(bad, 0.0, np.maximum(x, 0.0)).astype(np.float32), int(bad.sum())
+
+
+def select(nodes: Nodes, budget: int, cfg: PruneConfig = PruneConfig()) -> np.ndarray:
+  """bool[N]: kept nodes, by the jit kernel (arrays padded to a power of two >= 128)."""
+  budget = _check_budget(nodes, budget)
+  n = nodes.parent.size
+  size = max(127, (1 << n.bit_length()) - 1)  # + the kernel's virtual root: a power of two
+  pad = lambda a, v: np.concatenate([a, np.full(size - n, v, a.dtype)])  # noqa: E731
+  parent, cost = pad(nodes.parent, -1), pad(nodes.cost, 0)
+  valid = pad(np.ones(n, bool), False)
+  if cfg.selector == "entropy":
+    kept = prune_jit.select_entropy(parent, cost, pad(nodes.entropy, 0), pad(nodes.branches, 0),
+                                    pad(nodes.protected, False), valid, np.int32(budget),
+                                    np.float32(cfg.gamma), np.bool_(cfg.protect_first))
+  else:
+    kept = prune_jit.select_priority(parent, cost, pad(baseline_priority(nodes, cfg), 0), valid,
+                                     np.int32(budget))
+  return _check_kept(nodes, budget, np.asarray(kept)[:n])
+
+
+def select_reference(nodes: Nodes, budget: int,
+                     cfg: PruneConfig = PruneConfig()) -> np.ndarray:
+  """bool[N]: the plain host version: heapq best-first from the roots, float64 priorities."""
+  budget = _check_budget(nodes, budget)
+  n = nodes.parent.size
+  if cfg.selector == "entropy":
+    priority = priorities(nodes, cfg.gamma)
+    rank = protected_path(nodes) & cfg.protect_first
+  else:
+    priority = baseline_priority(nodes, cfg).astype(np.float64)
+    rank = np.zeros(n, bool)
+  children = [[] for _ in range(n)]
+  for i in range(n):
+    if nodes.parent[i] >= 0:
+      children[nodes.parent[i]].append(i)
+  heap = [(-int(rank[i]), -priority[i], i) for i in range(n) if nodes.parent[i] < 0]
+  heapq.heapify(heap)
+  kept, used = np.zeros(n, bool), 0
+  while heap:
+    i = heapq.heappop(heap)[2]
+    if used + nodes.cost[i] > budget:
+      break
+    kept[i], used = True, used + int(nodes.cost[i])
+    for c in children[i]:
+      heapq.heappush(heap, (-int(rank[c]), -priority[c], c))
+  return _check_kept(nodes, budget, kept)
+
+
+def priorities(nodes: Nodes, gamma: float) -> np.ndarray:
+  """float64[N]: p(n) LTE(n) / cost(n), by the direct recursion (children before parents)."""
+  n = nodes.parent.size
+  b = nodes.branches.astype(np.float64)
+  below = np.zeros(n)  # sum_c p(c|n) LTE(c), filled by the children (they come after n)
+  lte = np.zeros(n)
+  for i in range(n - 1, -1, -1):
+    lte[i] = float(nodes.entropy[i]) + gamma * below[i]
+    par = nodes.parent[i]
+    if par >= 0:
+      below[par] += b[i] / b[par] * lte[i]
+  return b / b[nodes.parent < 0].sum() * lte / nodes.cost
+
+
+def protected_path(nodes: Nodes) -> np.ndarray:
+  """bool[N]: the node or one of its descendants is protected."""
+  out = nodes.protected.copy()
+  for i in range(nodes.parent.size - 1, 0, -1):
+    if out[i] and nodes.parent[i] >= 0:
+      out[nodes.parent[i]] = True
+  return out
+
+
+def baseline_priority(nodes: Nodes, cfg: PruneConfig) -> np.ndarray:
+  """float32[N] priorities of the baselines (best-first with them is ancestor-closed).
+
+  truncation: 2^24 minus the node's end position in its trajectories, so the kept set is
+  every branch cut at one common length; random: uniform draws from cfg.seed.
+  """
+  if cfg.selector == "random":
+    return np.random.default_rng(cfg.seed).random(nodes.parent.size).astype(np.float32)
+  end = nodes.cost.astype(np.int64).copy()
+  for i in range(1, nodes.parent.size):  # pre-order: the parent's end is already final
+    if nodes.parent[i] >= 0:
+      end[i] += end[nodes.parent[i]]
+  if end.max() >= 2**24:
+    raise ValueError(f"truncation baseline: a trajectory of {int(end.max())} tokens exceeds 2^24")
+  return (2.0**24 - end).astype(np.float32)  # exact in float32, >= 0 as the kernel needs
+
+
+def retained_signal(nodes: Nodes, kept) -> float:
+  """sum_kept H (|P| + |N|) / sum_all (1.0 for a tree without signal)."""
+  total = float(np.sum(nodes.signal, dtype=np.float64))
+  if total <= 0:
+    return 1.0
+  return float(np.sum(nodes.signal[np.asarray(kept, bool)], dtype=np.float64)) / total
+
+
+def _check_budget(nodes: Nodes, budget) -> int:
+  if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+    raise ValueError(f"budget must be an int number of tokens, got {budget!r}")
+  budget = int(budget)
+  if not 0 <= budget < 2**31:
+    raise ValueError(f"budget must lie in [0, 2^31), got {budget}")
+  return budget
+
+
+def _check_kept(nodes: Nodes, budget: int, kept: np.ndarray) -> np.ndarray:
+  if not kept.any():  # with one root: exactly when the root does not fit
+    first = int(np.flatnonzero(nodes.parent < 0)[0])
+    raise ValueError(f"budget {budget} is smaller than the root node ({int(nodes.cost[first])} "
+                     f"tokens): nothing can be kept")
+  return kept
