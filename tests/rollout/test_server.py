@@ -218,3 +218,38 @@ def _wait(cond, timeout=10.0):
     if time.monotonic() - t0 > timeout:
       raise AssertionError("condition not reached in time")
     time.sleep(0.02)
+
+
+def test_serve_stage_starts_a_server():
+  import importlib.util
+  import os
+  import threading
+
+  from katjax.stages import serve as stage
+
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "serve.py")
+  spec = importlib.util.spec_from_file_location("serve_config", path)
+  serve_config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(serve_config)
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  config = serve_config.get_config()
+  config.serve.port, config.serve.duration_s = port, 5.0
+  result = {}
+  thread = threading.Thread(target=lambda: result.update(stage.run(config, "/tmp")))
+  thread.start()
+  url = f"http://127.0.0.1:{port}"
+  _wait(lambda: _models(url), timeout=120)
+  assert _models(url) == ["katjax"]
+  thread.join()
+  assert result["url"] == url
+
+
+def _models(url):
+  try:
+    with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+      return [m["id"] for m in json.loads(r.read())["data"]]
+  except OSError:
+    return None
