@@ -89,7 +89,8 @@ def mutations(source: str) -> list[tuple[str, int, str]]:
       line = lines[left.end_lineno - 1]
       gap = line[left.end_col_offset:right.col_offset]
       if gap.strip() == symbols[op]:
-        new = line[:left.end_col_offset] + gap.replace(symbols[op], swaps[op]) + line[right.col_offset:]
+        gap = gap.replace(symbols[op], swaps[op])
+        new = line[:left.end_col_offset] + gap + line[right.col_offset:]
         out.append(("flip_operator", left.end_lineno, _replace_line(lines, left.end_lineno, new)))
     if (isinstance(node, ast.Constant) and type(node.value) is int
         and node.lineno == node.end_lineno):
@@ -144,7 +145,8 @@ def synthesize(repo_dir: str, max_tasks: int = 5, seed: int = 0, make_sandbox=No
         base = _git(repo_dir, "rev-parse", "HEAD").strip()
         gold = _git(repo_dir, "diff", base, orig, "--", f)
         tasks.append({
-          "repo": os.path.basename(os.path.abspath(repo_dir)), "repo_path": os.path.abspath(repo_dir),
+          "repo": os.path.basename(os.path.abspath(repo_dir)),
+          "repo_path": os.path.abspath(repo_dir),
           "instance_id": f"synth-{seed}-{len(tasks)}", "base_commit": base, "patch": gold,
           "test_patch": "", "FAIL_TO_PASS": f2p, "PASS_TO_PASS": p2p,
           "problem_statement": _issue_text(f2p, after), "mutation": f"{kind} {f}:{line}"})

@@ -160,7 +160,8 @@ def grade(task: dict, patch: str, make_sandbox: Callable, repo_dir: str,
   statuses = parser(log)
   info["tests"] = {t: statuses.get(t, "MISSING") for t in f2p + p2p}
   all_pass = all(info["tests"][t] in _PASS for t in f2p + p2p)
-  if all_pass and task.get("log_parser", "pytest") == "pytest" and not _pytest_footer_ok(log, f2p + p2p):
+  is_pytest = task.get("log_parser", "pytest") == "pytest"
+  if all_pass and is_pytest and not _pytest_footer_ok(log, f2p + p2p):
     # Code that prints fake PASSED lines and exits 0 before pytest finishes lacks the footer.
     info["error"] = "pytest session footer missing or counts fewer passes than claimed"
     all_pass = False

@@ -35,7 +35,7 @@ class ArithmeticEnv(Environment):
       raise ValueError(f"arithmetic task needs 'question' and 'answer', got keys {sorted(task)}")
     self.task, self.submitted, self.done, self.num_calls = task, None, False, 0
     self.tools = [
-      tool_spec("calculator", "Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",
+      tool_spec("calculator", "Evaluate an arithmetic expression (+ - * / // % **, parentheses).",
                 {"expression": {"type": "string"}}),
       tool_spec("submit", "Submit the final answer and end the episode.",
                 {"answer": {"type": "string"}}),

@@ -54,6 +54,7 @@ class DockerSandbox(Sandbox):
     self.client = client or _client()
     self.output_limit = output_limit
     self.nproc = max(pids_limit - 16, 8)
+    self._inflight, self._inflight_lock = 0, threading.Lock()
     self.workdir = WORKDIR
     self._closed = True
     _sweep_once(self.client)
@@ -88,18 +89,18 @@ class DockerSandbox(Sandbox):
     # The per-user process limit keeps a fork bomb below the container's PID limit, so the
     # cleanup exec below can still start.
     # `ulimit -u` keeps a fork bomb below the container's PID limit so cleanup can still
-    # start; the trailing `kill -9 -1` (as the command user: the keep-alive process runs as
-    # another uid) ends background jobs, so no process outlives its command.
+    # start; see `_finish` for how background jobs are ended.
     argv = ["bash", "-c", f"ulimit -u {self.nproc} 2>/dev/null; "
-            f"timeout -s KILL {timeout:g} bash -c \"$1\"; rc=$?; "
-            "for i in 1 2 3; do kill -9 -1 2>/dev/null; done; exit $rc", "sandbox", cmd]
+            f"exec timeout -s KILL {timeout:g} bash -c \"$1\"", "sandbox", cmd]
     cap, code, start = OutputCap(self.output_limit), None, time.monotonic()
     api = self.client.api
-    try:
-      exec_id = api.exec_create(self.container.id, argv, user=USER, workdir=WORKDIR)["Id"]
-      stream = api.exec_start(exec_id, stream=True)
-    except Exception as e:
-      raise SandboxError(f"docker exec failed: {e}") from e
+    with self._inflight_lock:
+      try:
+        exec_id = api.exec_create(self.container.id, argv, user=USER, workdir=WORKDIR)["Id"]
+        stream = api.exec_start(exec_id, stream=True)
+      except Exception as e:
+        raise SandboxError(f"docker exec failed: {e}") from e
+      self._inflight += 1
     done = threading.Event()
 
     def pump():
@@ -116,8 +117,7 @@ class DockerSandbox(Sandbox):
       self._kill_user_processes()
       done.wait(5)
     code = api.exec_inspect(exec_id).get("ExitCode")
-    if code is None or code == 137:
-      self._kill_user_processes()  # timed out: make sure nothing of it survives
+    self._finish(privileged=code is None or code == 137)
     elapsed = time.monotonic() - start
     if code is None:  # still running after the kill: report as a timeout
       code = 137
@@ -133,7 +133,8 @@ class DockerSandbox(Sandbox):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
       info = tarfile.TarInfo(os.path.basename(rel))
-      info.size, info.mode, info.uid, info.gid, info.mtime = len(data), 0o644, 1000, 1000, time.time()
+      info.size, info.mode, info.mtime = len(data), 0o644, time.time()
+      info.uid = info.gid = 1000
       tar.addfile(info, io.BytesIO(data))
     if not self.container.put_archive(f"{WORKDIR}/{parent}".rstrip("/"), buf.getvalue()):
       raise SandboxError(f"could not write {path} into the container")
@@ -178,6 +179,25 @@ class DockerSandbox(Sandbox):
     if code != 0:
       raise SandboxError(f"{cmd!r} failed in the sandbox (exit {code}): {out[-500:]}")
     return out
+
+  def _finish(self, privileged: bool) -> None:
+    # No process outlives its command: when the last concurrent command of this sandbox
+    # ends, every uid-1000 process is killed (`kill -9 -1` as that uid; the keep-alive
+    # process runs as another uid). Commands running concurrently are left alone.
+    with self._inflight_lock:
+      self._inflight -= 1
+      if self._inflight:
+        return
+      if privileged:  # after a timeout: also reaches a fork bomb at its process limit
+        self._kill_user_processes()
+        return
+      try:
+        exec_id = self.client.api.exec_create(
+          self.container.id, ["bash", "-c", "kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null"],
+          user=USER)
+        self.client.api.exec_start(exec_id["Id"])
+      except Exception:
+        self._kill_user_processes()
 
   def _kill_user_processes(self) -> None:
     # Root with CAP_KILL (a privileged exec; the container itself keeps no capabilities)

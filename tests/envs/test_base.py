@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from katjax.envs import Environment, ToolCall, ToolError, load_tasks, make_env, register_env, tool_spec
+from katjax.envs import (Environment, ToolCall, ToolError, load_tasks, make_env, register_env,
+                         tool_spec)
 from katjax.envs.toy import generate_tasks, safe_eval
 
 

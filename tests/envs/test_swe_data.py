@@ -5,7 +5,8 @@ import pytest
 from katjax.envs import make_env
 from katjax.envs.swe_data import MINI_REPO, curate, mutations, seed_tasks, split_diff
 
-SRC = "diff --git a/pkg/mod.py b/pkg/mod.py\n--- a/pkg/mod.py\n+++ b/pkg/mod.py\n@@ -1 +1 @@\n-a\n+b\n"
+SRC = ("diff --git a/pkg/mod.py b/pkg/mod.py\n--- a/pkg/mod.py\n+++ b/pkg/mod.py\n"
+       "@@ -1 +1 @@\n-a\n+b\n")
 TST = ("diff --git a/tests/test_mod.py b/tests/test_mod.py\n--- a/tests/test_mod.py\n"
        "+++ b/tests/test_mod.py\n@@ -1 +1 @@\n-c\n+d\n")
 
