@@ -43,7 +43,7 @@ def from_hf(path, mesh=None, shardings=None, rules=None) -> tuple[ModelConfig, d
   path = os.fspath(path)
   cfg = config_from_hf(_read_json(os.path.join(path, "config.json")))
   files = _tensor_index(path)
-  plan = _plan(cfg)
+  plan = param_plan(cfg)
   _validate(cfg, plan, files, path)
   tok_file = os.path.join(path, "tokenizer.json")
   if os.path.isfile(tok_file):
@@ -192,7 +192,7 @@ def load_tokenizer(path, cfg: ModelConfig | None = None) -> Tokenizer:
 # --- layout: one entry per parameter leaf ---------------------------------------------------
 
 
-def _plan(cfg: ModelConfig) -> dict:
+def param_plan(cfg: ModelConfig) -> dict:
   """{param path: (hf name template, per-layer?, hf shape, split shape, perm)}.
 
   The HF tensor reshaped to `split` and transposed by `perm` is our (per-layer) array.
@@ -286,7 +286,7 @@ def _read_slice(read, name, our_index, hf_shape, split, perm):
 
 def _export_tensors(cfg, params):
   """Yield (hf name, hf shape, thunk -> np float32 in split-then-transposed order)."""
-  for key, (template, per_layer, hf_shape, split, perm) in _plan(cfg).items():
+  for key, (template, per_layer, hf_shape, split, perm) in param_plan(cfg).items():
     inverse = tuple(np.argsort(perm))
     leaf = _get(params, key)
     for i, name in enumerate(_hf_names(cfg, template, per_layer)):

@@ -189,21 +189,38 @@ def test_smollm2_recipe_folder_equals_gguf(smollm2):
   assert smollm2["tok"].encode(text) == smollm2["tok_g"].encode(text)
 
 
-def greedy(cfg, params, prompt, max_new, stop_ids):
-  """KV-cache greedy decoding: one prefill, then one token per step."""
-  step = jax.jit(functools.partial(model.forward_with_cache, cfg))
-  t = len(prompt)
-  cache = model.init_cache(cfg, 1, t + max_new)
-  logits, cache = step(params, jnp.asarray([prompt], jnp.int32),
-                       jnp.arange(t, dtype=jnp.int32)[None], cache, jnp.zeros(1, jnp.int32))
-  out = []
-  for i in range(max_new):
-    nxt = int(jnp.argmax(logits[0, -1]))
+@functools.lru_cache(maxsize=None)
+def _step(cfg):
+  return jax.jit(functools.partial(model.forward_with_cache, cfg))
+
+
+PROMPT_LEN, MAX_NEW = 48, 16  # one prefill shape and one decode shape: two compiles in all
+
+
+def prefill(cfg, params, ids):
+  """Right-padded causal prefill of ids (<= PROMPT_LEN): (logits for the ids, cache)."""
+  assert len(ids) <= PROMPT_LEN, len(ids)
+  padded = np.zeros((1, PROMPT_LEN), np.int32)
+  padded[0, :len(ids)] = ids
+  cache = model.init_cache(cfg, 1, PROMPT_LEN + MAX_NEW)
+  logits, cache = _step(cfg)(params, padded, np.arange(PROMPT_LEN, dtype=np.int32)[None],
+                             cache, np.zeros(1, np.int32))
+  return np.asarray(logits[0, :len(ids)]), cache
+
+
+def greedy(cfg, params, prompt, stop_ids):
+  """KV-cache greedy decoding: one prefill, then one token per step (slots past the prompt
+  are overwritten before any query can see them, so the right padding is harmless)."""
+  logits, cache = prefill(cfg, params, prompt)
+  nxt, out = int(np.argmax(logits[-1])), []
+  for i in range(MAX_NEW):
     if nxt in stop_ids:
       break
     out.append(nxt)
-    pos = jnp.full((1, 1), t + i, jnp.int32)
-    logits, cache = step(params, jnp.asarray([[nxt]], jnp.int32), pos, cache, pos[:, 0])
+    pos = np.full((1, 1), len(prompt) + i, np.int32)
+    step_logits, cache = _step(cfg)(params, np.asarray([[nxt]], np.int32), pos, cache,
+                                    pos[:, 0])
+    nxt = int(jnp.argmax(step_logits[0, -1]))
   return out
 
 
@@ -213,18 +230,18 @@ def test_smollm2_answers_paris(smollm2):
                                             "trained by Hugging Face"},
               {"role": "user", "content": "What is the capital of France?"}]
   ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
-  answer = tok.decode(greedy(smollm2["cfg"], smollm2["params"], ids.tolist(), 24,
-                             tok.stop_ids))
+  answer = tok.decode(greedy(smollm2["cfg"], smollm2["params"], ids.tolist(), tok.stop_ids))
+  print(f"smollm2 answer {answer!r}")
   assert "Paris" in answer, answer
 
 
 def test_smollm2_perplexity(smollm2):
   tok, cfg = smollm2["tok"], smollm2["cfg"]
-  ids = np.asarray([tok.encode("The capital of France is Paris. It is a beautiful city with "
-                               "many old buildings, museums and parks.")], np.int32)
-  logits = np.asarray(model.apply(cfg, smollm2["params"], ids), np.float64)[0, :-1]
+  ids = tok.encode("The capital of France is Paris. It is a beautiful city with many old "
+                   "buildings, museums and parks.")
+  logits = prefill(cfg, smollm2["params"], ids)[0].astype(np.float64)[:-1]
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-  nll = logz - logits[np.arange(len(logits)), ids[0, 1:]]
+  nll = logz - logits[np.arange(len(logits)), np.asarray(ids[1:])]
   ppl = float(np.exp(nll.mean()))
   print(f"smollm2 perplexity {ppl:.2f}")
   assert ppl < 30, ppl
