@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from katjax.core import prune_jit
+from katjax.core.tree import TOOL_CALL, TOOL_RESULT, PrefixTree, Trajectory, build_tree
 
 SELECTORS = ("entropy", "truncation", "random")
 
@@ -157,6 +158,101 @@ def select_reference(nodes: Nodes, budget: int,
   return _check_kept(nodes, budget, kept)
 
 
+def node_stats(tree, cfg: PruneConfig = PruneConfig()):
+  """(Nodes, split) of a PrefixTree; split: dict of int32[N'] sub-node `start`, `length`
+  (tree token ranges, pre-order) and `node` (the tree node each piece comes from), plus
+  `nan_entropies` (NaN/inf token entropies, counted and treated as 0).
+
+  With cfg.split_turns, tree nodes are cut where a turn starts (trained <-> untrained, or a
+  tool result starts/ends), and into pieces of at most cfg.max_node_tokens if set; the pieces
+  of a node form a chain. A trainable token is one some branch trains (branch_mask).
+  """
+  t_count = tree.num_tokens
+  ent, nan_count = clean_entropy(tree.entropy)
+  trainable = tree.branch_mask.any(axis=0)
+  tool_result = (tree.flags & TOOL_RESULT) != 0
+  tool_call = (tree.flags & TOOL_CALL) != 0
+  idx = np.arange(t_count)
+  start = idx == tree.node_start[tree.node_of]
+  if cfg.split_turns:
+    turn = np.zeros(t_count, bool)
+    turn[1:] = (trainable[1:] != trainable[:-1]) | (tool_result[1:] != tool_result[:-1])
+    start |= turn
+  if cfg.max_node_tokens:
+    seg_start = np.maximum.accumulate(np.where(start, idx, 0))
+    start |= (idx - seg_start) % cfg.max_node_tokens == 0
+  starts = np.flatnonzero(start)
+  length = np.diff(np.append(starts, t_count))
+  piece_of = np.cumsum(start) - 1  # piece id of every token
+  node = tree.node_of[starts]
+  first = starts == tree.node_start[node]
+  last_piece = piece_of[tree.node_start + tree.node_len - 1]  # per tree node
+  tree_par = tree.node_parent[node]
+  parent = np.where(first, np.where(tree_par >= 0, last_piece[np.maximum(tree_par, 0)], -1),
+                    np.arange(starts.size) - 1)
+  h = np.where(trainable, ent, 0.0)
+  w = tree.token_weights(cfg.norm)
+  signal = h * (np.abs(w["pos_weight"]) + np.abs(w["neg_weight"]))
+  flagged = (tree.flags & cfg.protect_flags) != 0
+  protected = np.add.reduceat(flagged.astype(np.int64), starts) > 0
+  if cfg.protect_multi_call:  # >= 2 separate tool-call spans in one piece (one turn)
+    call_start = tool_call & ~np.concatenate([[False], tool_call[:-1]]) | (tool_call & start)
+    protected |= np.add.reduceat(call_start.astype(np.int64), starts) >= 2
+  nodes, _ = make_nodes(parent, length, np.add.reduceat(h.astype(np.float64), starts),
+                        tree.node_member.sum(axis=1)[node], protected,
+                        np.add.reduceat(signal.astype(np.float64), starts))
+  split = {"start": starts.astype(np.int32), "length": length.astype(np.int32),
+           "node": node.astype(np.int32), "nan_entropies": nan_count}
+  return nodes, split
+
+
+def prune_tree(tree, budget: int, cfg: PruneConfig = PruneConfig()):
+  """(pruned PrefixTree, info) keeping at most `budget` tree tokens, selected by cfg.
+
+  The pruned tree is rebuilt from the kept prefix of every branch, so its token_weights
+  (P, N, K, denom) are over kept tokens only; branches with no kept token are dropped
+  (`branch_ids` names the original trajectories). info: tokens, kept_tokens,
+  retained_signal, nan_entropies, nodes (pieces after splitting), kept_nodes.
+  """
+  trees, info = prune_groups([tree], budget, cfg)
+  return trees[0], info
+
+
+def prune_groups(groups, budget: int, cfg: PruneConfig = PruneConfig()):
+  """(list of pruned PrefixTree, info): one step's groups under ONE joint token budget.
+
+  groups: PrefixTrees or lists of Trajectory (one per task). The groups form one forest;
+  each group's reach is normalised by its own branch count, so priorities compare across
+  groups. A group none of whose tokens is kept is left out (info["dropped_groups"]).
+  This is the RL data path: the trainer calls it on the step's groups, then `pack_trees`.
+  """
+  trees = [g if isinstance(g, PrefixTree) else build_tree(g) for g in groups]
+  if not trees:
+    raise ValueError("prune_groups: no groups")
+  parts = [node_stats(t, cfg) for t in trees]
+  offsets = np.cumsum([0] + [p[0].parent.size for p in parts])
+  fields = []
+  for (nodes, _), off in zip(parts, offsets):
+    b = nodes.branches / nodes.branches[nodes.parent < 0].sum()  # reach within the group
+    fields.append(nodes._replace(parent=np.where(nodes.parent >= 0, nodes.parent + off, -1),
+                                 branches=b))
+  forest = Nodes(*(np.concatenate(f) for f in zip(*fields)))
+  kept = select(forest, budget, cfg)
+  out, dropped = [], []
+  for i, (tree, (_, split)) in enumerate(zip(trees, parts)):
+    keep = kept[offsets[i]:offsets[i + 1]]
+    if keep.any():
+      out.append(_truncate(tree, np.repeat(keep, split["length"])))
+    else:
+      dropped.append(i)
+  info = {"tokens": int(forest.cost.sum()), "kept_tokens": int(forest.cost[kept].sum()),
+          "retained_signal": retained_signal(forest, kept),
+          "nan_entropies": sum(p[1]["nan_entropies"] for p in parts),
+          "nodes": int(forest.parent.size), "kept_nodes": int(kept.sum()),
+          "dropped_groups": dropped}
+  return out, info
+
+
 def priorities(nodes: Nodes, gamma: float) -> np.ndarray:
   """float64[N]: p(n) LTE(n) / cost(n), by the direct recursion (children before parents)."""
   n = nodes.parent.size
@@ -220,3 +316,25 @@ def _check_kept(nodes: Nodes, budget: int, kept: np.ndarray) -> np.ndarray:
     raise ValueError(f"budget {budget} is smaller than the root node ({int(nodes.cost[first])} "
                      f"tokens): nothing can be kept")
   return kept
+
+
+def _truncate(tree, kept_tokens: np.ndarray):
+  """The tree rebuilt from the kept prefix of each branch (kept_tokens: bool[T], closed
+  under token parents). Like PrefixTree.subtree, at token rather than node granularity;
+  non-finite entropies are stored as 0.
+  """
+  on_path = tree.node_member[tree.node_of].T  # [B, T]; a path's tokens are in index order
+  entropy = clean_entropy(tree.entropy)[0]
+  trajs, ids = [], []
+  for b in range(tree.num_branches):
+    path = np.flatnonzero(on_path[b] & kept_tokens)
+    if path.size:
+      trajs.append(Trajectory(tokens=tree.tokens[path], loss_mask=tree.branch_mask[b, path],
+                              logprobs=tree.logprobs[path], entropy=entropy[path],
+                              flags=tree.flags[path], reward=tree.rewards[b],
+                              advantage=tree.advantages[b], group_id=tree.group_ids[b],
+                              policy_version=tree.versions[b]))
+      ids.append(int(tree.branch_ids[b]))
+  out = build_tree(trajs)
+  out.branch_ids = np.asarray(ids, np.int32)
+  return out
