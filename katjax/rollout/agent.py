@@ -24,6 +24,7 @@ import uuid
 
 import numpy as np
 
+from katjax.core import tree
 from katjax.envs.base import ToolCall
 from katjax.model.tokenizer import IM_END, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from katjax.rollout.sampler import SamplingParams
@@ -31,10 +32,10 @@ from katjax.rollout.sampler import SamplingParams
 __all__ = ["AgentLimits", "Rollout", "run_episode", "EVENT_TOOL_CALL", "EVENT_TOOL_RESULT",
            "EVENT_TOOL_ERROR"]
 
-# Event flags per token (bit mask).
-EVENT_TOOL_CALL = 1  # generated tokens of a <tool_call> block
-EVENT_TOOL_RESULT = 2  # template tokens carrying tool results back to the model
-EVENT_TOOL_ERROR = 4  # a tool result (or call) that was an error
+# Event flags per token (bit mask; the same bits as `katjax.core.tree` flags).
+EVENT_TOOL_CALL = tree.TOOL_CALL  # generated tokens of a <tool_call> block
+EVENT_TOOL_RESULT = tree.TOOL_RESULT  # template tokens carrying tool results to the model
+EVENT_TOOL_ERROR = 8  # a tool result (or call) that was an error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +84,12 @@ class Rollout:
   def num_turns(self) -> int:
     return len(self.turn_starts)
 
-  def to_tree(self):
-    """The same record as `katjax.core.tree.Trajectory` (when that module is present)."""
-    from katjax.core import tree  # imported lazily: core/tree is optional for rollouts
-
-    fields = {f.name for f in dataclasses.fields(tree.Trajectory)}
-    kw = dict(tokens=self.tokens, loss_mask=self.loss_mask, logprobs=self.logprobs,
-              entropies=self.entropies, events=self.events)
-    return tree.Trajectory(**{k: v for k, v in kw.items() if k in fields})
+  def to_tree(self, group_id: int = 0, policy_version: int = 0) -> tree.Trajectory:
+    """The record as a `katjax.core.tree.Trajectory` (input of `build_tree`)."""
+    return tree.Trajectory(tokens=self.tokens, loss_mask=self.loss_mask,
+                           logprobs=self.logprobs, entropy=self.entropies, flags=self.events,
+                           reward=self.reward, group_id=group_id,
+                           policy_version=policy_version)
 
 
 def run_episode(backend, tokenizer, env, task: dict, sampling: SamplingParams | None = None,

@@ -134,6 +134,22 @@ def test_unclosed_turn_ends_episode():
   assert ro.finish_reason == "length" and ro.num_turns == 1
 
 
+def test_rollouts_feed_the_prefix_tree():
+  from katjax.core.tree import build_tree
+
+  texts = [call("nap", seconds=0), "done"]
+  a = run_episode(Scripted(texts), TOK, SleepEnv(), {"q": "same"})
+  b = run_episode(Scripted([texts[0], "other end"]), TOK, SleepEnv(), {"q": "same"})
+  ta, tb = a.to_tree(), b.to_tree()
+  np.testing.assert_array_equal(ta.tokens, a.tokens)
+  np.testing.assert_array_equal(ta.flags, a.events)
+  tree = build_tree([ta, tb])
+  # the two rollouts share everything before the last turn
+  shared = int(np.argmax(a.tokens[:len(b.tokens)] != b.tokens[:len(a.tokens)]))
+  assert shared == a.turn_starts[1]  # "done" vs "other end" differ at the first token
+  assert len(tree.tokens) == len(a.tokens) + len(b.tokens) - shared
+
+
 def test_bad_limits():
   with pytest.raises(ValueError, match="max_turns"):
     AgentLimits(max_turns=0)
