@@ -56,7 +56,7 @@ class Engine:
     self._cv = threading.Condition()
     self._running: list[_Job] = []
     self.stats = collections.Counter()
-    self._stop = False
+    self._stop, self._pending_params = False, None
     self._thread = threading.Thread(target=self._loop, name="katjax-engine", daemon=True)
     self._thread.start()
 
@@ -80,6 +80,11 @@ class Engine:
       if job in self._queue:
         self._queue.remove(job)
         job.event.set()
+
+  def update_weights(self, params) -> None:
+    """New weights for the next batch (a running batch finishes on the old ones)."""
+    with self._cv:
+      self._pending_params = params
 
   def snapshot(self) -> dict:
     with self._cv:
@@ -110,6 +115,9 @@ class Engine:
             batch.append(job)
             rows += job.n
         self._running = batch
+        params, self._pending_params = self._pending_params, None
+      if params is not None:
+        self.sampler.update_weights(params)
       self._run(batch)
       with self._cv:
         self._running = []

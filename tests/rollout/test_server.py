@@ -39,6 +39,10 @@ class FakeSampler:
 
   def __init__(self, text, delay=0.0):
     self.text, self.delay, self.batches, self.cancelled = text, delay, [], []
+    self.weights = []
+
+  def update_weights(self, params):
+    self.weights.append((params, len(self.batches)))
 
   def generate(self, prompts, params, n=1, keys=None, cancelled=None, seed=0):
     self.batches.append(len(prompts))
@@ -144,6 +148,16 @@ def test_concurrent_requests_are_batched(fake_server):
     results = list(pool.map(lambda _: post(srv.url, body), range(4)))
   assert all(s == 200 and p["choices"][0]["message"]["content"] == "ok" for s, p in results)
   assert max(sampler.batches) > 1 and sum(sampler.batches) == 4
+
+
+def test_weight_update_applies_between_batches(fake_server):
+  srv, sampler = fake_server(text="ok")
+  body = dict(messages=[{"role": "user", "content": "x"}], max_tokens=10)
+  assert post(srv.url, body)[0] == 200
+  srv.engine.update_weights("v2")
+  assert sampler.weights == []  # nothing running: applied when the next batch starts
+  assert post(srv.url, body)[0] == 200
+  assert sampler.weights == [("v2", 1)]
 
 
 def test_overload_gets_503(fake_server):
