@@ -94,32 +94,40 @@ def best_first_order(parent, priority, rank):
   idx = jnp.arange(m, dtype=jnp.int32)
   real = idx < n
   fill = lambda a, v: jnp.concatenate([a, jnp.full((m - n,), v, a.dtype)])  # noqa: E731
-  r = fill(rank.astype(jnp.int32), -2)  # the virtual root (and spares) below every node
-  p = fill(priority.astype(jnp.float32) + 0.0, 0.0)  # + 0.0 turns -0.0 into +0.0
+  # One int32 per node whose signed order is the key order without the id: rank 1 above
+  # rank 0 above padding (rank -1) and the virtual root; within a rank the float bits of a
+  # priority >= 0 (+ 0.0 turns -0.0 into +0.0). code is the same order read unsigned.
+  bits = lax.bitcast_convert_type(fill(priority.astype(jnp.float32), 0.0) + 0.0, jnp.int32)
+  r = fill(rank.astype(jnp.int32), -2)
+  code = jnp.where(r == 1, bits | jnp.int32(-2**31), jnp.where(r == 0, bits + 1, 0))
+  key = code ^ jnp.int32(-2**31)
   up0 = jnp.where(real, fill(jnp.where(parent >= 0, parent, root).astype(jnp.int32), 0), root)
-  less = lambda a, b: ((r[a] < r[b]) | ((r[a] == r[b]) & (p[a] < p[b]))  # noqa: E731
-                       | ((r[a] == r[b]) & (p[a] == p[b]) & (a > b)))
+
+  def less(a, ka, b, kb):  # key(a) < key(b), ties: the larger id is smaller
+    return (ka < kb) | ((ka == kb) & (a > b))
 
   # Tables: ups[j] = 2^j-th ancestor, mns[j] = argmin key over ancestors 1..2^j.
   def build(c):
-    j, up, mn, ups, mns = c
+    j, up, mn, mk, ups, mns = c
     ups, mns = ups.at[j].set(up), mns.at[j].set(mn)
-    return j + 1, up[up], jnp.where(less(mn[up], mn), mn[up], mn), ups, mns
+    cand, ck = mn[up], mk[up]
+    take = less(cand, ck, mn, mk)
+    return j + 1, up[up], jnp.where(take, cand, mn), jnp.where(take, ck, mk), ups, mns
 
   tables = jnp.zeros((levels, m), jnp.int32)
-  used, _, _, ups, mns = lax.while_loop(  # levels 0..L-1 skip up to 2^L - 1 >= any depth
-      lambda c: (c[0] < levels) & jnp.any(c[1] != root), build, (0, up0, up0, tables, tables))
+  used, _, _, _, ups, mns = lax.while_loop(  # levels 0..L-1 skip 2^L - 1 >= any depth
+      lambda c: (c[0] < levels) & jnp.any(c[1] != root), build,
+      (0, up0, up0, key[up0], tables, tables))
 
   def query(i, cur):  # from the top level down: skip ancestors whose keys are all larger
     j = used - 1 - i
-    return jnp.where(less(mns[j][cur], idx), cur, ups[j][cur])
+    mn = mns[j][cur]
+    return jnp.where(less(mn, key[mn], idx, key), cur, ups[j][cur])
 
   cur = lax.fori_loop(0, used, query, idx)
   dom = jnp.where(real, up0[cur], root)
   size = _subtree_sum(dom, real.astype(jnp.int32))
   # Siblings by decreasing key: radix sort by (dom, key descending), ties by id.
-  bits = lax.bitcast_convert_type(p, jnp.int32)
-  code = jnp.where(r == 1, bits | jnp.int32(-2**31), jnp.where(r == 0, bits + 1, 0))
   sib = _radix_order([(~code, 32), (dom, levels)], m)
   s = size[sib]
   excl = jnp.cumsum(s) - s
