@@ -62,7 +62,8 @@ def _flat_loss(theta, theta_old, theta_ref, flat, cfg):
   """Mean over the flat branches, from the per-branch, per-token formulas (value, grad).
 
   flat: h, mask, rollout [NB, L] (one padded row per branch, mask 0 on padding and on
-  token 0, which is never predicted), adv [NB].
+  token 0, which is never predicted), adv [NB]; the normalisation as per-branch weights
+  w [NB] and a denominator, computed from the trajectories by `_flat_arrays`.
   """
   def f(th):
     h, mask, a = flat["h"], flat["mask"], flat["adv"][:, None]
@@ -78,17 +79,11 @@ def _flat_loss(theta, theta_old, theta_ref, flat, cfg):
       log_r = _logp(theta_ref, h) - logp
       kl = -log_r if cfg.kl_type == "k1" else jnp.exp(log_r) - log_r - 1
       loss = loss + cfg.kl_coef * kl
-    n = mask.sum(axis=1)
-    branch = jnp.sum(mask * loss, axis=1)
-    if cfg.norm == "token-mean":
-      return branch.sum() / n.sum()
-    if cfg.norm == "seq-mean-token-mean":
-      branch = branch / jnp.maximum(n, 1)
-    return branch.sum() / jnp.sum(n > 0)
+    return jnp.sum(flat["w"] * jnp.sum(mask * loss, axis=1)) / flat["denom"]
   return jax.value_and_grad(f)(theta)
 
 
-def _flat_arrays(trajs, n_branches, length):
+def _flat_arrays(trajs, n_branches, length, norm):
   out = {"h": np.zeros((n_branches, length), np.int32),
          "mask": np.zeros((n_branches, length), np.float32),
          "rollout": np.zeros((n_branches, length), np.float32),
@@ -99,7 +94,14 @@ def _flat_arrays(trajs, n_branches, length):
     out["mask"][b, 1:n] = t.loss_mask[1:]
     out["rollout"][b, :n] = t.logprobs
     out["adv"][b] = t.advantage
-  return {k: jnp.asarray(v) for k, v in out.items()}
+  n = out["mask"].sum(axis=1)
+  real = np.arange(n_branches) < len(trajs)
+  if norm == "seq-mean-token-mean":
+    out["w"] = np.where(n > 0, 1.0 / np.maximum(n, 1), 0.0)
+  else:
+    out["w"] = real.astype(np.float32)
+  out["denom"] = np.float32(n.sum() if norm == "token-mean" else np.sum(n > 0))
+  return {k: jnp.asarray(v, jnp.float32 if k != "h" else jnp.int32) for k, v in out.items()}
 
 
 @settings(max_examples=12, deadline=None)
@@ -112,14 +114,13 @@ def test_tree_loss_and_grad_equal_flat_sum(seed, norm):
   batch = pack_trees(groups, S, norm=norm, num_rows=ROWS)
   h_tree = np.stack([_prefix_hashes(batch.tokens[r], batch.parent[r]) for r in range(ROWS)])
   trajs = [t for g in groups for t in g]
-  flat = _flat_arrays(trajs, 18, S)
+  flat = _flat_arrays(trajs, 18, S, norm)
   keys = jax.random.split(jax.random.PRNGKey(seed % 1000), 3)
   theta = jax.random.normal(keys[0], (M,))
   theta_old = theta + 0.3 * jax.random.normal(keys[1], (M,))  # ratios well outside the clip
   theta_ref = theta + 0.5 * jax.random.normal(keys[2], (M,))
   arrays = {k: jnp.asarray(v) for k, v in batch.arrays().items()}
-  for name, cfg in CONFIGS.items():
-    cfg = PolicyLossConfig(**{**cfg.__dict__, "norm": norm})
+  for name, cfg in CONFIGS.items():  # norm only changes the packed weights, not the code
     (loss, metrics), grad = _tree_loss(theta, theta_old, theta_ref, jnp.asarray(h_tree),
                                        arrays, cfg)
     ref_loss, ref_grad = _flat_loss(theta, theta_old, theta_ref, flat, cfg)

@@ -63,8 +63,8 @@ def _flat_logp(params, tokens):
   return jnp.take_along_axis(lsm, tokens[:, 1:, None], axis=-1)[..., 0]  # predicts t >= 1
 
 
-@functools.partial(jax.jit, static_argnames="loss_cfg")
-def _flat(params, old_params, ref_params, flat, loss_cfg=LOSS):
+@jax.jit
+def _flat(params, old_params, ref_params, flat):
   old = _flat_logp(old_params, flat["tokens"])
   ref = _flat_logp(ref_params, flat["tokens"])
   mask, a, rollout = flat["mask"][:, 1:], flat["adv"][:, None], flat["rollout"][:, 1:]
@@ -72,13 +72,12 @@ def _flat(params, old_params, ref_params, flat, loss_cfg=LOSS):
   def f(p):
     logp = _flat_logp(p, flat["tokens"])
     ratio = jnp.exp(logp - old)
-    clipped = jnp.clip(ratio, 1 - loss_cfg.eps_low, 1 + loss_cfg.eps_high)
+    clipped = jnp.clip(ratio, 1 - LOSS.eps_low, 1 + LOSS.eps_high)
     obj = jnp.minimum(ratio * a, clipped * a)
-    obj = jnp.where(a < 0, jnp.maximum(obj, loss_cfg.dual_clip * a), obj)
-    if loss_cfg.tis_cap is not None:
-      obj = obj * jnp.minimum(jnp.exp(old - rollout), loss_cfg.tis_cap)
+    obj = jnp.where(a < 0, jnp.maximum(obj, LOSS.dual_clip * a), obj)
+    obj = obj * jnp.minimum(jnp.exp(old - rollout), LOSS.tis_cap)
     log_r = ref - logp
-    loss = -obj + loss_cfg.kl_coef * (jnp.exp(log_r) - log_r - 1)
+    loss = -obj + LOSS.kl_coef * (jnp.exp(log_r) - log_r - 1)
     per_branch = jnp.sum(mask * loss, axis=1)
     return jnp.sum(flat["w"] * per_branch) / flat["denom"]
 
@@ -140,21 +139,21 @@ def test_sharded_on_policy_step_matches_flat_gradient(params3):
   groups = [random_group(rng, vocab_size=16, branches=5, group_id=g) for g in range(3)]
   trajs = [t for g in groups for t in g]
   batch = pack_trees(groups, S, num_rows=8).arrays()
-  batch["ref_logp"] = np.zeros((8, S), np.float32)
+  # Reference = current params: the k3 KL and its gradient vanish, on both sides.
+  batch["ref_logp"] = jax.jit(tree_logprobs, static_argnums=0)(CFG, params, batch)[0]
   mesh = make_mesh(data=4, fsdp=2)
   opt = make_optimizer({"learning_rate": 1e-3, "warmup_steps": 0, "clip_norm": 0.0})
   sharded = shard_params(params, kmodel.logical_axes(CFG), mesh)
   state = jax.jit(functools.partial(TrainState.create, optimizer=opt))(
       sharded, rng=jax.device_put(jax.random.PRNGKey(1), replicated(mesh)))
   state_sh = jax.tree.map(lambda x: x.sharding, state)
-  loss_cfg = PolicyLossConfig(eps_high=0.28, dual_clip=3.0)
-  step = make_tree_step(CFG, loss_cfg, opt, state_shardings=state_sh,
+  step = make_tree_step(CFG, LOSS, opt, state_shardings=state_sh,
                         batch_sharding=batch_sharding(mesh, 2), out_sharding=replicated(mesh),
                         micro_batches=2)
   new_state, metrics = step(state, jax.device_put(batch, batch_sharding(mesh, 2)))
   # On-policy (no old_logp): ratio 1, so the flat gradient with old params = params.
   flat = _flat_arrays(trajs, "token-mean")
-  ref_loss, ref_grad = _flat(params, params, params, flat, loss_cfg=loss_cfg)
+  ref_loss, ref_grad = _flat(params, params, params, flat)
   np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-5)
   ref_norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(ref_grad))))
   np.testing.assert_allclose(metrics["grad_norm"], ref_norm, rtol=1e-4)
