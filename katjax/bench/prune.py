@@ -69,7 +69,7 @@ def time_select(nodes: prune.Nodes, repeats: int):
   import jax
 
   n = nodes.parent.size
-  size = (1 << n.bit_length()) - 1
+  size = prune.padded_size(n)
   pad = lambda a, v: jax.device_put(np.concatenate([a, np.full(size - n, v, a.dtype)]))  # noqa
   args = (pad(nodes.parent, -1), pad(nodes.cost, 0), pad(nodes.entropy, 0),
           pad(nodes.branches, 0), pad(nodes.protected, False), pad(np.ones(n, bool), False),

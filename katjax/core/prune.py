@@ -116,7 +116,7 @@ def select(nodes: Nodes, budget: int, cfg: PruneConfig = PruneConfig()) -> np.nd
   """bool[N]: kept nodes, by the jit kernel (arrays padded to a power of two >= 128)."""
   budget = _check_budget(nodes, budget)
   n = nodes.parent.size
-  size = max(127, (1 << n.bit_length()) - 1)  # + the kernel's virtual root: a power of two
+  size = padded_size(n)
   pad = lambda a, v: np.concatenate([a, np.full(size - n, v, a.dtype)])  # noqa: E731
   parent, cost = pad(nodes.parent, -1), pad(nodes.cost, 0)
   valid = pad(np.ones(n, bool), False)
@@ -128,6 +128,13 @@ def select(nodes: Nodes, budget: int, cfg: PruneConfig = PruneConfig()) -> np.nd
     kept = prune_jit.select_priority(parent, cost, pad(baseline_priority(nodes, cfg), 0), valid,
                                      np.int32(budget))
   return _check_kept(nodes, budget, np.asarray(kept)[:n])
+
+
+def padded_size(n: int) -> int:
+  """Node-array size the kernel is compiled for: n + 1 (the kernel's virtual root) rounded
+  up to a multiple of 1/8 of its power of two (aligned; <= 12.5% padding), minus 1."""
+  step = max(128, 1 << max(0, (n + 1).bit_length() - 3))
+  return -(-(n + 1) // step) * step - 1
 
 
 def select_reference(nodes: Nodes, budget: int,
@@ -311,10 +318,11 @@ def _check_budget(nodes: Nodes, budget) -> int:
 
 
 def _check_kept(nodes: Nodes, budget: int, kept: np.ndarray) -> np.ndarray:
-  if not kept.any():  # with one root: exactly when the root does not fit
-    first = int(np.flatnonzero(nodes.parent < 0)[0])
-    raise ValueError(f"budget {budget} is smaller than the root node ({int(nodes.cost[first])} "
-                     f"tokens): nothing can be kept")
+  if not kept.any():  # the first node expanded (a root) does not fit
+    roots = nodes.cost[nodes.parent < 0]
+    what = (f"the root node ({int(roots[0])} tokens)" if roots.size == 1 else
+            f"the first root to expand (roots cost {int(roots.min())}-{int(roots.max())} tokens)")
+    raise ValueError(f"budget {budget} is smaller than {what}: nothing can be kept")
   return kept
 
 

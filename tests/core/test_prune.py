@@ -60,8 +60,8 @@ def test_jit_equals_reference_budget_closure_determinism(seed):
   try:
     ref = prune.select_reference(nodes, budget, cfg)
   except ValueError as e:
-    assert "smaller than the root" in str(e) and not roots_fit
-    with pytest.raises(ValueError, match="smaller than the root"):
+    assert "is smaller than" in str(e) and not roots_fit
+    with pytest.raises(ValueError, match="is smaller than"):
       prune.select(nodes, budget, cfg)
     return
   got = prune.select(nodes, budget, cfg)
@@ -102,8 +102,7 @@ def test_protected_kept_when_their_closure_fits(seed):
   for i in range(nodes.parent.size - 1, -1, -1):  # ancestors of protected nodes
     if need[i] and nodes.parent[i] >= 0:
       need[nodes.parent[i]] = True
-  first_root = np.flatnonzero(nodes.parent < 0)[0]
-  budget = max(int(nodes.cost[need].sum()), int(nodes.cost[first_root]))
+  budget = max(int(nodes.cost[need].sum()), int(nodes.cost[nodes.parent < 0].max()))
   kept = prune.select(nodes, budget, prune.PruneConfig(protect_first=True))
   assert kept[nodes.protected].all()
 
@@ -116,6 +115,21 @@ def test_budget_at_least_tree_size_keeps_everything(seed):
     total = int(nodes.cost.sum())
     assert prune.select(nodes, total, cfg).all()
     assert prune.select_reference(nodes, total + 5, cfg).all()
+
+
+def test_jit_equals_reference_large_and_deep():
+  """Many doubling levels: a 2000-node chain and a 2000-node branching tree (one padded
+  size, so two compiles)."""
+  from katjax.bench.prune import random_tree
+  rng = np.random.default_rng(5)
+  chain, _ = prune.make_nodes(np.arange(2000) - 1, rng.integers(1, 50, 2000),
+                              rng.exponential(1.0, 2000), protected=rng.random(2000) < 0.01)
+  for nodes in (chain, random_tree(2000, seed=3)):
+    for cfg in (CONFIGS[0], CONFIGS[4], CONFIGS[7]):
+      for frac in (0.3, 0.8):
+        b = int(frac * nodes.cost.sum())
+        np.testing.assert_array_equal(prune.select(nodes, b, cfg),
+                                      prune.select_reference(nodes, b, cfg))
 
 
 def test_baselines_mean_what_they_say():
