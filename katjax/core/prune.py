@@ -16,7 +16,8 @@ Tree level: `node_stats` turns a `PrefixTree` into `Nodes`, first splitting long
 turn boundaries (trained <-> untrained, tool-result start/end) so one long tool output does
 not eat the budget; `prune_tree` returns the pruned tree (rebuilt from the kept prefix of
 every branch, so P, N, K are over kept tokens only); `prune_groups` is what the RL trainer
-calls: one joint budget over all groups of a step.
+calls: one joint budget over all groups of a step (`prune_batch` also packs them into a
+fixed [rows, tokens] TreeBatch).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 from katjax.core import prune_jit
 from katjax.core.tree import TOOL_CALL, TOOL_RESULT, PrefixTree, Trajectory, build_tree
+from katjax.core.tree_pack import pack_trees
 
 SELECTORS = ("entropy", "truncation", "random")
 
@@ -258,6 +260,30 @@ def prune_groups(groups, budget: int, cfg: PruneConfig = PruneConfig()):
           "nodes": int(forest.parent.size), "kept_nodes": int(kept.sum()),
           "dropped_groups": dropped}
   return out, info
+
+
+def prune_batch(groups, num_rows: int, row_tokens: int, cfg: PruneConfig = PruneConfig(),
+                norm: str = "token-mean"):
+  """(TreeBatch [num_rows, row_tokens], info): the step's groups pruned to fit the batch.
+
+  A group larger than one row is first pruned to row_tokens on its own (a tree never spans
+  rows); then all groups share the budget num_rows * row_tokens (`prune_groups`), lowered
+  by 3% per retry while first-fit packing leaves a tree without a row.
+  """
+  trees = [g if isinstance(g, PrefixTree) else build_tree(g) for g in groups]
+  trees = [prune_tree(t, row_tokens, cfg)[0] if t.num_tokens > row_tokens else t
+           for t in trees]
+  budget = int(num_rows) * int(row_tokens)
+  for _ in range(20):
+    pruned, info = prune_groups(trees, budget, cfg)
+    try:
+      return pack_trees(pruned, row_tokens, norm=norm, num_rows=num_rows), info
+    except ValueError as e:  # fragmentation: the trees fit the budget but not the rows
+      if "rows" not in str(e):
+        raise
+      budget = int(budget * 0.97)
+  raise ValueError(f"prune_batch: could not pack the groups into {num_rows} rows of "
+                   f"{row_tokens} tokens")
 
 
 def priorities(nodes: Nodes, gamma: float) -> np.ndarray:

@@ -252,6 +252,15 @@ def test_prune_groups_joint_budget(realistic):
   assert all(a.num_tokens == b.num_tokens for a, b in zip(same, realistic))
 
 
+def test_prune_batch_fits_fixed_rows(realistic):
+  row = 8192  # smaller than either tree: each is pruned to a row first
+  assert all(t.num_tokens > row for t in realistic)
+  batch, info = prune.prune_batch(realistic, 2, row)
+  assert batch.tokens.shape == (2, row)
+  assert batch.tree_tokens == info["kept_tokens"] <= 2 * row
+  assert info["kept_tokens"] > 0.9 * 2 * row  # the budget is used, not wasted
+
+
 def test_tree_nan_entropy_and_single_branch():
   rng = np.random.default_rng(0)
   n = 40
