@@ -9,8 +9,8 @@ path to them rank ahead of the rest (`protect_first`). Best-first expansion from
 keeps nodes until the next one does not fit, so the kept set is ancestor-closed and never
 over budget. `select` runs the jit kernel (`prune_jit`); `select_reference` is the plain
 heapq version it must equal. The baselines share the same expansion: "truncation" cuts
-every trajectory's tail at one common length (priority = -end position), "random" uses
-random priorities.
+every trajectory's tail at one common length (priority falls with the end position),
+"random" uses random priorities.
 
 Tree level: `node_stats` turns a `PrefixTree` into `Nodes`, first splitting long nodes at
 turn boundaries (trained <-> untrained, tool-result start/end) so one long tool output does
@@ -29,7 +29,8 @@ from typing import NamedTuple
 import numpy as np
 
 from katjax.core import prune_jit
-from katjax.core.tree import TOOL_CALL, TOOL_RESULT, PrefixTree, Trajectory, build_tree
+from katjax.core.tree import (MEMORY, TOOL_CALL, TOOL_RESULT, PrefixTree, Trajectory,
+                              build_tree)
 from katjax.core.tree_pack import pack_trees
 
 SELECTORS = ("entropy", "truncation", "random")
@@ -65,7 +66,7 @@ class PruneConfig:
   seed: int = 0
   split_turns: bool = True
   max_node_tokens: int = 0
-  protect_flags: int = 7  # TOOL_CALL | TOOL_RESULT | MEMORY
+  protect_flags: int = TOOL_CALL | TOOL_RESULT | MEMORY
   protect_multi_call: bool = True
   norm: str = "token-mean"
 
@@ -99,6 +100,8 @@ def make_nodes(parent, cost, entropy, branches=None, protected=None, signal=None
       raise ValueError(f"{name} has shape {a.shape}, expected ({n},) like parent")
   if np.any(arrays["cost"] < 1):
     raise ValueError("every node must cost at least 1 token")
+  if np.sum(arrays["cost"], dtype=np.int64) >= 2**31:
+    raise ValueError("total cost must be below 2^31 tokens (int32 prefix sums)")
   if not np.all(np.isfinite(arrays["branches"])) or np.any(arrays["branches"] <= 0):
     raise ValueError("branches must be finite and > 0 on every node")
   nodes = Nodes(parent.astype(np.int32), arrays["cost"].astype(np.int32),
@@ -279,7 +282,7 @@ def prune_batch(groups, num_rows: int, row_tokens: int, cfg: PruneConfig = Prune
     try:
       return pack_trees(pruned, row_tokens, norm=norm, num_rows=num_rows), info
     except ValueError as e:  # fragmentation: the trees fit the budget but not the rows
-      if "rows" not in str(e):
+      if "num_rows=" not in str(e):
         raise
       budget = int(budget * 0.97)
   raise ValueError(f"prune_batch: could not pack the groups into {num_rows} rows of "
