@@ -3,8 +3,8 @@
 Layers are stacked with `nn.scan` (params carry a leading "layers" axis), so compile time
 does not grow with depth. Every parameter is declared with logical axis names; the mesh
 rules in `katjax.parallel` map them to devices. Attention follows the interval mask of
-`katjax.model.attention`; an optional KV cache (per row, written at `cache_index`) serves
-the sampler with the same module.
+`katjax.model.attention`; an optional KV cache (stacked [L, B, S, KV, D], carried through
+the layer scan and written at `cache_index` per row) serves the sampler with the same module.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, subtree_end, layer_cache, cache_index):
+  def __call__(self, x, positions, subtree_end, cache, layer, cache_index):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     hd = cfg.dim_per_head
 
@@ -63,23 +63,25 @@ class Attention(nn.Module):
     q = apply_rope(q, positions, cfg)
     k = apply_rope(k, positions, cfg)
 
-    new_cache = None
-    if layer_cache is None:
+    if cache is None:
       out = attention(q, k, v, subtree_end, impl=cfg.attention_impl,
                       block=cfg.attention_block, dense_max_len=cfg.dense_max_len)
     else:
-      # Decode/prefill: write this chunk's keys at cache_index, attend over the cache slots.
-      write = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))
-      ck = write(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index)
-      cv = write(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index)
-      new_cache = {"k": ck, "v": cv}
-      q_index = cache_index[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)
-      out = attention(q, ck.astype(dt), cv.astype(dt), subtree_end, q_index=q_index)
+      # Decode/prefill: scatter only this chunk's keys into the stacked [L, B, S, ...] cache
+      # (the scan carry, updated in place), then attend over this layer's cache slots.
+      rows = jnp.arange(x.shape[0])[:, None]
+      slots = cache_index[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)
+      cache = {
+          "k": cache["k"].at[layer, rows, slots].set(k.astype(cache["k"].dtype)),
+          "v": cache["v"].at[layer, rows, slots].set(v.astype(cache["v"].dtype)),
+      }
+      out = attention(q, cache["k"][layer].astype(dt), cache["v"][layer].astype(dt),
+                      subtree_end, q_index=slots)
     out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt,
                           param_dtype=jnp.float32,
                           kernel_init=_param_init(("heads", "head_dim", "embed")),
                           name="o")(out)
-    return out, new_cache
+    return out, cache
 
 
 class Mlp(nn.Module):
@@ -102,14 +104,15 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, subtree_end, cache_index):
+  def __call__(self, carry, positions, subtree_end, cache_index):
+    x, cache, layer = carry
     cfg = self.cfg
-    h, new_cache = Attention(cfg, name="attn")(
+    h, cache = Attention(cfg, name="attn")(
         RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x),
-        positions, subtree_end, layer_cache, cache_index)
+        positions, subtree_end, cache, layer, cache_index)
     x = x + h
     x = x + Mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
-    return x, new_cache
+    return (x, cache, layer + 1), None
 
 
 class Decoder(nn.Module):
@@ -127,9 +130,11 @@ class Decoder(nn.Module):
     if cfg.remat:
       block = nn.remat(Block, prevent_cse=False)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, new_cache = layers(cfg, name="layers")(x, cache, positions, subtree_end, cache_index)
+    # The stacked cache rides in the carry so each layer writes its new slots in place.
+    (x, new_cache, _), _ = layers(cfg, name="layers")(
+        (x, cache, jnp.zeros((), jnp.int32)), positions, subtree_end, cache_index)
     x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x.astype(dt))
