@@ -7,7 +7,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test install install-test assets bench clean
+.PHONY: demo test install install-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,20 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider tests
 
-bench: $(VENV)/.installed-test
+# Tunix (the peer the train/sampler benches compare against) is installed without its
+# dependencies: its own pins would downgrade transformers/tokenizers in this venv.
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PIP) install -q --no-deps google-tunix jaxtyping wadler_lindig sentencepiece pillow
+	touch $@
+
+# Each benchmark prints JSON; CPU figures are in README.md.
+bench: $(VENV)/.installed-bench
 	$(PY) -m katjax.bench.attention
+	$(PY) -m katjax.bench.tree --turns 2 4 --tool_len 50 200 --assistant_len 20 100
+	$(PY) -m katjax.bench.prune
+	$(PY) -m katjax.bench.train
+	$(PY) -m katjax.bench.sampler
+	$(PY) -m katjax.bench.envs
 
 clean:
 	rm -rf $(VENV) build *.egg-info
