@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import base64
 import io
+import logging
 import os
 import shlex
 import socket
@@ -262,16 +263,23 @@ def _orphaned(labels: dict, host: str) -> bool:
   return False
 
 
-def _remove(container, volume) -> None:
-  try:
-    container.remove(force=True, v=True)
-  except Exception:
-    pass
-  if volume is not None:
-    try:
-      volume.remove(force=True)
-    except Exception:
-      pass
+def _remove(container, volume, attempts: int = 6) -> None:
+  """Remove a container and its volume, retrying: under load the engine can time out or
+  answer 409 (removal already in progress), and a container must never be left behind."""
+  import docker  # imported lazily: the SDK is only needed for this backend
+
+  for what, remove in (("container", lambda: container.remove(force=True, v=True)),
+                       ("volume", lambda: volume and volume.remove(force=True))):
+    for attempt in range(attempts):
+      try:
+        remove()
+        break
+      except docker.errors.NotFound:
+        break
+      except Exception as e:  # noqa: BLE001 - engine busy or timed out: retry, then report
+        if attempt == attempts - 1:
+          logging.warning("sandbox: could not remove %s (%s); the next sweep will", what, e)
+        time.sleep(0.5 * (attempt + 1))
 
 
 def _client():
