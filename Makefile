@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
-export JAX_PLATFORMS ?= cpu
+# Tests run on CPU with 8 fake devices (set for `make test` only: the demo uses the real ones).
+TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS="$${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test install install-test bench clean
@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 	$(PY) -m katjax.launch
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider tests
+	$(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider tests
 
 # Tunix (the peer the train/sampler benches compare against) is installed without its
 # dependencies: its own pins would downgrade transformers/tokenizers in this venv.

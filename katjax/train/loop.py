@@ -44,6 +44,7 @@ def train_lm(config, workdir: str, train_data: PackedData, eval_data: PackedData
   cfg = model_config(config)
   tc = config.train
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  _check_batch_fits_mesh(config.data.batch_size, tc.micro_batches, mesh)
   optimizer = make_optimizer(config.optimizer)
   rng = jax.random.PRNGKey(tc.seed)
   init_key, state_key = jax.random.split(rng)
@@ -101,6 +102,17 @@ def train_lm(config, workdir: str, train_data: PackedData, eval_data: PackedData
   summary["steps"] = tc.steps
   summary["state"] = state
   return summary
+
+
+def _check_batch_fits_mesh(batch_size: int, micro_batches: int, mesh) -> None:
+  """Fail early, naming the fields, when a batch cannot be split over the data devices."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % micro_batches or (batch_size // micro_batches) % shards:
+    raise ValueError(
+        f"data.batch_size={batch_size} with train.micro_batches={micro_batches} cannot be "
+        f"split over the {shards} data x fsdp devices of mesh {dict(mesh.shape)}: each "
+        f"micro-batch needs a multiple of {shards} rows; change --config.data.batch_size or "
+        f"--config.mesh.data / --config.mesh.fsdp")
 
 
 def _make_eval(loss_fn, params_sh, batch_sh, mesh):
