@@ -164,11 +164,13 @@ class _SandboxEnv(Environment):
 def test_no_leftovers_after_50_episodes(backend):
   from katjax.sandbox.docker import LABEL, _client
   env = _SandboxEnv(backend)
-  workdirs = []
+  workdirs, container_ids = [], []
 
   def policy_for(i):
     def policy(messages, tools):
       workdirs.append(env.sandbox.workdir)
+      if backend == "docker":
+        container_ids.append(env.sandbox.container.id)
       if i % 3 == 0:
         raise RuntimeError(f"agent {i} raised")
       if i % 3 == 1 and len(messages) == 1:
@@ -181,8 +183,19 @@ def test_no_leftovers_after_50_episodes(backend):
   assert all(r["error"] is None or "raised" in r["error"] for r in records)
   assert sum(r["reward"] for r in records) == 33
   if backend == "docker":
+    # Only this test's containers: under pytest-xdist a module-scoped sandbox of another test
+    # file can still be alive in the same worker process (same pid label).
+    assert len(set(container_ids)) == 50
     flt = {"label": f"{LABEL}.pid={os.getpid()}"}
-    assert _client().containers.list(all=True, filters=flt) == []
-    assert _client().volumes.list(filters=flt) == []
+    alive = {c.id for c in _client().containers.list(all=True, filters=flt)}
+    assert alive.isdisjoint(container_ids)
+    volumes = {v.name for v in _client().volumes.list(filters=flt)}
+    names = {c.name for c in alive_containers(alive)} if alive else set()
+    assert volumes <= names
   else:
     assert not any(os.path.exists(w) for w in workdirs)
+
+
+def alive_containers(ids):
+  from katjax.sandbox.docker import _client
+  return [_client().containers.get(i) for i in ids]
