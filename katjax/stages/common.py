@@ -47,3 +47,17 @@ def report(stage: str, data, summary: dict) -> None:
   print(f"[{stage}] skipped steps: {summary['skipped']}; checkpoints and TensorBoard logs in "
         f"{summary['workdir']}")
   logging.info("%s done: %s", stage, {k: v for k, v in summary.items() if k != "state"})
+
+
+def run_lm_stage(config, workdir: str, stage: str, load) -> dict:
+  """Shared body of the LM stages: tokenizer, data files, `load` (load_mid / load_sft), train."""
+  from katjax.train.loop import train_lm  # stages are glue: import the trainer lazily
+
+  tok = make_tokenizer(config)
+  train_path, eval_path = data_files(config, workdir, stage)
+  seq_len, on_error = config.data.seq_len, config.data.on_error
+  train = load(train_path, tok, seq_len, on_error=on_error)
+  evals = load(eval_path, tok, seq_len, on_error=on_error)
+  summary = train_lm(config, workdir, train, evals)
+  report(stage, train, summary)
+  return summary
