@@ -87,12 +87,11 @@ class DockerSandbox(Sandbox):
       raise ValueError("exec on a closed sandbox")
     if timeout <= 0:
       raise ValueError(f"timeout must be positive, got {timeout}")
-    # The per-user process limit keeps a fork bomb below the container's PID limit, so the
-    # cleanup exec below can still start.
-    # `ulimit -u` keeps a fork bomb below the container's PID limit so cleanup can still
-    # start; see `_finish` for how background jobs are ended.
+    # stderr joins stdout inside the container so the two keep their order (docker's
+    # multiplexed streams do not). `ulimit -u` keeps a fork bomb below the container's PID
+    # limit so cleanup can still start; see `_finish` for how background jobs are ended.
     argv = ["bash", "-c", f"ulimit -u {self.nproc} 2>/dev/null; "
-            f"exec timeout -s KILL {timeout:g} bash -c \"$1\"", "sandbox", cmd]
+            f"exec timeout -s KILL {timeout:g} bash -c \"$1\" 2>&1", "sandbox", cmd]
     cap, code, start = OutputCap(self.output_limit), None, time.monotonic()
     api = self.client.api
     with self._inflight_lock:

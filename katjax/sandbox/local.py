@@ -24,7 +24,14 @@ from katjax.sandbox.base import DEFAULT_OUTPUT_LIMIT, OutputCap, Sandbox, check_
 
 __all__ = ["LocalSandbox", "bwrap_available"]
 
-NOBODY = 65534
+# RLIMIT_NPROC counts every process of a uid, so sandboxes of different host processes
+# (pytest-xdist workers, parallel rollout workers) get different unprivileged uids: a fork
+# bomb in one cannot starve the others. Unmapped uids above the system range need no account.
+SANDBOX_UID_BASE = 200_000
+
+
+def _process_uid() -> int:
+  return SANDBOX_UID_BASE + os.getpid() % 100_000
 # The system's tools, not the caller's (a venv or pyenv under /root is unreadable to the
 # unprivileged sandbox user): tasks need python3 with pytest, and git, installed system-wide.
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -39,7 +46,7 @@ class LocalSandbox(Sandbox):
                path: str = SYSTEM_PATH):
     self.memory_mb, self.max_procs, self.max_file_mb = memory_mb, max_procs, max_file_mb
     self.cpu_seconds, self.output_limit, self.path = cpu_seconds, output_limit, path
-    self.uid = uid if uid is not None else (NOBODY if os.geteuid() == 0 else None)
+    self.uid = uid if uid is not None else (_process_uid() if os.geteuid() == 0 else None)
     self.use_bwrap = bwrap_available(self.uid) if use_bwrap is None else use_bwrap
     if self.use_bwrap and not bwrap_available(self.uid):
       raise ValueError("use_bwrap=True but bubblewrap is not installed or cannot run here")
