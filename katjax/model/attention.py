@@ -106,12 +106,25 @@ def _skip(qi, kj, se_b, blk):
   return future | closed
 
 
+def _tie(x, se):
+  """Make `se` depend on `x` as far as JAX's partial evaluation can see.
+
+  Under an outer `lax.scan` (the decoder's layer scan) `subtree_end` is loop-invariant, and
+  JAX hoists every loop-invariant value out of the loop when it differentiates, nested loops
+  included: the per-block masks of all (query block, key block) pairs would be computed once
+  and stored, O(T^2) memory. An optimization barrier over (x, se) makes the masks depend on
+  the loop-varying `x`, so they stay inside the loop, one block at a time.
+  """
+  return lax.optimization_barrier((x, se))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(qg, k, v, se, blk):
   return _flash_fwd(qg, k, v, se, blk)[0]
 
 
 def _flash_fwd(qg, k, v, se, blk):
+  qg, se = _tie(qg, se)
   q_blocks, k_blocks, v_blocks, se_blocks = (_blocks(x, blk) for x in (qg, k, v, se))
   nb = q_blocks.shape[0]
   b, _, kv, g, d = qg.shape
@@ -147,6 +160,7 @@ def _flash_fwd(qg, k, v, se, blk):
 
 def _flash_bwd(blk, res, g_out):
   qg, k, v, se, out, lse_blocks = res
+  g_out, se = _tie(g_out, se)
   q_blocks, k_blocks, v_blocks, se_blocks, do_blocks, o_blocks = (
       _blocks(x, blk) for x in (qg, k, v, se, g_out, out))
   nb = q_blocks.shape[0]
