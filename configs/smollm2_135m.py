@@ -1,7 +1,8 @@
 """SmolLM2-135M (Llama architecture, tied embeddings): the real model of the interop issue.
 
-Random init unless the caller passes converted weights; set `tokenizer` to the model's
-tokenizer.json for real text (the byte tokenizer's ids are a subset of its vocabulary).
+Random init with the byte tokenizer by default (its ids are a subset of the vocabulary). To
+fine-tune the real model: `python third_party/smollm2/convert.py DIR`, then
+`--config.init_from=DIR --config.tokenizer=DIR/tokenizer.json`.
 """
 
 import ml_collections
@@ -13,7 +14,8 @@ def get_config():
   c.model = dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
                  head_dim=64, ffn_dim=1536, norm_eps=1e-5, rope_theta=100000.0,
                  tie_embeddings=True, dtype="bfloat16", remat=True, family="llama")
-  c.tokenizer = "byte"
+  c.init_from = ""  # a Hugging Face folder: step-0 params (a resumed run keeps its own)
+  c.tokenizer = "byte"  # or a tokenizer.json path
   c.data = dict(train_file="", eval_file="", seq_len=2048, batch_size=8, seed=0,
                 on_error="skip")
   c.optimizer = dict(learning_rate=1e-4, warmup_steps=50, total_steps=steps,

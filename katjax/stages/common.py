@@ -10,7 +10,8 @@ from katjax.data import write_default_data
 
 
 def make_tokenizer(config):
-  """`config.tokenizer`: "byte" -> ByteTokenizer, else a path to a tokenizer.json."""
+  """`config.tokenizer`: "byte" -> ByteTokenizer, else a path to a tokenizer.json (e.g. the
+  one beside the weights of `config.init_from`)."""
   from katjax.model.tokenizer import ByteTokenizer, Tokenizer
   name = config.tokenizer
   if name == "byte":
@@ -51,9 +52,12 @@ def report(stage: str, data, summary: dict) -> None:
 
 def run_lm_stage(config, workdir: str, stage: str, load) -> dict:
   """Shared body of the LM stages: tokenizer, data files, `load` (load_mid / load_sft), train."""
-  from katjax.train.loop import train_lm  # stages are glue: import the trainer lazily
+  from katjax.model.hf import check_vocab
+  from katjax.train.loop import model_config, train_lm  # stages are glue: import lazily
 
   tok = make_tokenizer(config)
+  # A tokenizer with ids past the embedding would train on clamped garbage: fail up front.
+  check_vocab(tok, model_config(config))
   train_path, eval_path = data_files(config, workdir, stage)
   seq_len, on_error = config.data.seq_len, config.data.on_error
   train = load(train_path, tok, seq_len, on_error=on_error)

@@ -1,9 +1,10 @@
 """The training loop shared by mid-training and SFT: sharded jit step, eval, checkpoints, logs.
 
 `train_lm(config, workdir, train_data, eval_data)` builds the mesh, the (possibly restored)
-train state, one jitted step with in/out shardings, and runs `config.train.steps` steps,
-logging to TensorBoard + `metrics.jsonl` + a progress bar and saving orbax checkpoints with
-the grain iterator state, so a killed run resumed from `workdir` continues bit-for-bit.
+train state (at step 0 random weights, or the HF folder `config.init_from`), one jitted step
+with in/out shardings, and runs `config.train.steps` steps, logging to TensorBoard +
+`metrics.jsonl` + a progress bar and saving orbax checkpoints with the grain iterator state,
+so a killed run resumed from `workdir` continues bit-for-bit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from katjax import model as kmodel
 from katjax.data.pipeline import PackedData, batch_dataset, make_iterator
 from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params
 from katjax.train.checkpoint import Checkpointer
+from katjax.train.init_from import init_from_path, load_params
 from katjax.train.losses import lm_loss
 from katjax.train.metrics import MetricsLogger
 from katjax.train.state import TrainState, make_optimizer
@@ -48,6 +50,12 @@ def train_lm(config, workdir: str, train_data: PackedData, eval_data: PackedData
   optimizer = make_optimizer(config.optimizer)
   rng = jax.random.PRNGKey(tc.seed)
   init_key, state_key = jax.random.split(rng)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep,
+                      async_save=tc.async_checkpoint)
+  resuming = ckpt.latest_step() is not None
+  if params is None and init_from_path(config) and not resuming:
+    # A resumed run restores its own params below: the HF weights are read only at step 0.
+    params = load_params(cfg, init_from_path(config), mesh)
   if params is None:
     params = kmodel.init(cfg, init_key)
   params = shard_params(params, kmodel.logical_axes(cfg), mesh)
@@ -63,10 +71,8 @@ def train_lm(config, workdir: str, train_data: PackedData, eval_data: PackedData
       donate_argnums=0)
 
   it = make_iterator(batch_dataset(train_data, config.data.batch_size, seed=config.data.seed))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep,
-                      async_save=tc.async_checkpoint)
   start = 0
-  if ckpt.latest_step() is not None:
+  if resuming:
     state, _ = ckpt.restore(state, it)
     start = int(state.step)
   log = MetricsLogger(os.path.join(workdir, "logs"), tc.steps, start, enabled=verbose)
