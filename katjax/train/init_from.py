@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 from katjax import model as kmodel
@@ -37,10 +38,19 @@ def check_matches(cfg: kmodel.ModelConfig, path: str) -> None:
   diffs = [f"config.model.{f.name}={getattr(ours, f.name)!r} but the checkpoint has "
            f"{getattr(theirs, f.name)!r}"
            for f in dataclasses.fields(ours)
-           if f.name not in RUNTIME_FIELDS and getattr(ours, f.name) != getattr(theirs, f.name)]
+           if f.name not in RUNTIME_FIELDS
+           and not _same(getattr(ours, f.name), getattr(theirs, f.name))]
   if diffs:
     raise ValueError(f"config.init_from={path!r} does not match config.model: " +
                      "; ".join(diffs))
+
+
+def _same(a, b) -> bool:
+  # Float fields may have been stored as float32 (GGUF -> config.json: 1e-5 reads back as
+  # 9.9999997e-06): equal up to float32 rounding.
+  if isinstance(a, float) or isinstance(b, float):
+    return math.isclose(a, b, rel_tol=1e-6)
+  return a == b
 
 
 def load_params(cfg: kmodel.ModelConfig, path: str, mesh) -> dict:
