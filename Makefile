@@ -34,9 +34,11 @@ test: $(VENV)/.installed-test
 	$(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider tests
 
 # Tunix (the peer the train/sampler benches compare against) is installed without its
-# dependencies: its own pins would downgrade transformers/tokenizers in this venv.
+# dependencies: its own pins would downgrade transformers/tokenizers in this venv. The second
+# line is what `import tunix` reaches besides (metrics: metrax, clu; perf traces: perfetto, pandas).
 $(VENV)/.installed-bench: $(VENV)/.installed-test
-	$(PIP) install -q --no-deps google-tunix jaxtyping wadler_lindig sentencepiece pillow
+	$(PIP) install -q --no-deps google-tunix jaxtyping wadler_lindig sentencepiece pillow \
+	  google-metrax clu wrapt perfetto pandas python-dateutil pytz tzdata
 	touch $@
 
 # Each benchmark prints JSON; CPU figures are in README.md.
