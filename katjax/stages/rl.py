@@ -1,0 +1,157 @@
+"""Stage 4, synchronous form: agentic RL on an environment, trained as pruned prefix trees.
+
+Each step: take `rl.tasks_per_step` tasks (a grain iterator over the task list, saved with
+the checkpoint so a resumed run continues the same task order), run `rl.group_size`
+rollouts of each with the in-process `Sampler` holding the current weights and the agent
+loop, turn the environment's rewards into GRPO advantages per group, merge each group into a
+prefix tree, prune the step's forest to the batch (`rl.num_rows` x `rl.row_tokens`) by
+entropy, take one tree-loss train step, and hand the new weights to the sampler (no
+recompilation). Rollout and training alternate in one process: this is the on-policy
+schedule. SeamlessFlow's decoupled trajectory / rollout managers and tag scheduler
+(DESIGN.md section 6) are not built yet; `bubble` (the share of wall time the trainer
+waits for rollouts) is logged so that schedule has a baseline to beat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import grain
+import jax
+import numpy as np
+
+from katjax import model as kmodel
+from katjax.core.advantages import grpo_advantages
+from katjax.core.losses import PolicyLossConfig
+from katjax.core.prune import PruneConfig, prune_batch
+from katjax.envs.base import load_tasks, make_env
+from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params
+from katjax.rollout.agent import AgentLimits, run_episode
+from katjax.rollout.sampler import Sampler, SamplingParams
+from katjax.stages.common import make_tokenizer
+from katjax.train.checkpoint import Checkpointer
+from katjax.train.loop import model_config
+from katjax.train.metrics import MetricsLogger
+from katjax.train.state import TrainState, make_optimizer
+from katjax.train.tree_step import make_tree_step
+
+
+def run(config, workdir: str) -> dict:
+  summary = train_rl(config, workdir)
+  rewards = summary["reward_mean"]
+  first, last = (rewards[min(rewards)], rewards[max(rewards)]) if rewards else (None, None)
+  print(f"rl: steps {summary['start_step']}->{summary['steps']}, mean reward first/last "
+        f"logged {first} / {last}, workdir {workdir}")
+  return summary
+
+
+def load_rl_tasks(rl) -> list[dict]:
+  """`rl.tasks_file` (JSONL) or, when empty, `rl.num_tasks` generated arithmetic tasks."""
+  if rl.tasks_file:
+    return load_tasks(rl.tasks_file)
+  if rl.env != "arithmetic":
+    raise ValueError(f"rl.tasks_file is empty and rl.env={rl.env!r} has no task generator; "
+                     f"give --config.rl.tasks_file")
+  from katjax.envs.toy import generate_tasks
+  return generate_tasks(rl.num_tasks, seed=rl.task_seed)
+
+
+def collect_groups(sampler, tokenizer, tasks, rl, *, step: int) -> tuple[list, dict]:
+  """Rollouts of every task -> (groups of core.tree.Trajectory with advantages, stats)."""
+  sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p,
+                            max_new_tokens=rl.max_new_tokens)
+  limits = AgentLimits(max_turns=rl.max_turns, max_tokens=rl.max_tokens,
+                       max_new_tokens=rl.max_new_tokens)
+  groups, rewards, turns, calls, parallel = [], [], [], [], []
+  for t, task in enumerate(tasks):
+    rollouts = []
+    for g in range(rl.group_size):
+      with make_env(rl.env) as env:
+        seed = (step * len(tasks) + t) * rl.group_size + g
+        rollouts.append(run_episode(sampler, tokenizer, env, task, sampling, limits, seed=seed))
+      if rollouts[-1].num_turns == 0 and rollouts[-1].finish_reason == "max_tokens":
+        raise ValueError(f"task {task.get('id', t)!r}: the prompt alone has "
+                         f"{len(rollouts[-1].tokens)} tokens >= rl.max_tokens={rl.max_tokens}; "
+                         f"raise rl.max_tokens (and rl.row_tokens)")
+    r = np.asarray([x.reward for x in rollouts], np.float64)
+    adv = np.asarray(grpo_advantages(r, np.zeros(len(r), np.int32)), np.float64)
+    groups.append([dataclasses.replace(x.to_tree(group_id=t, policy_version=step),
+                                       advantage=float(a)) for x, a in zip(rollouts, adv)])
+    rewards += list(r)
+    turns += [x.num_turns for x in rollouts]
+    calls += [x.num_tool_calls for x in rollouts]
+    parallel += [x.parallel_turns for x in rollouts]
+  stats = {"reward_mean": float(np.mean(rewards)), "turns_mean": float(np.mean(turns)),
+           "tool_calls_mean": float(np.mean(calls)),
+           "parallel_call_turns": float(np.sum(parallel)) / max(float(np.sum(turns)), 1.0)}
+  return groups, stats
+
+
+def train_rl(config, workdir: str, *, verbose: bool = True) -> dict:
+  """Run (or resume) the RL loop; returns {start_step, steps, reward_mean, loss, state}."""
+  cfg, rl, tc = model_config(config), config.rl, config.train
+  tokenizer = make_tokenizer(config)
+  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rl.num_rows % shards:
+    raise ValueError(f"rl.num_rows={rl.num_rows} cannot be split over the {shards} data x "
+                     f"fsdp devices of mesh {dict(mesh.shape)}")
+  if rl.max_tokens > rl.row_tokens:
+    raise ValueError(f"rl.max_tokens={rl.max_tokens} > rl.row_tokens={rl.row_tokens}: a "
+                     f"whole trajectory must fit one row of the tree batch")
+  tasks = load_rl_tasks(rl)
+  if len(tasks) < rl.tasks_per_step:
+    raise ValueError(f"{len(tasks)} tasks, fewer than rl.tasks_per_step={rl.tasks_per_step}")
+  optimizer = make_optimizer(config.optimizer)
+  init_key, state_key = jax.random.split(jax.random.PRNGKey(tc.seed))
+  params = shard_params(kmodel.init(cfg, init_key), kmodel.logical_axes(cfg), mesh)
+  state = jax.jit(lambda p, k: TrainState.create(p, optimizer, k))(
+      params, jax.device_put(state_key, replicated(mesh)))
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  batch_sh = batch_sharding(mesh, 2)
+  loss_cfg = PolicyLossConfig(**dict(rl.loss), norm=rl.norm)
+  step_fn = make_tree_step(cfg, loss_cfg, optimizer, state_shardings=state_sh,
+                           batch_sharding=batch_sh, out_sharding=replicated(mesh))
+  prune_cfg = PruneConfig(selector=rl.prune_selector, norm=rl.norm, seed=tc.seed)
+
+  # Enough epochs for every step (finite: grain's iterator needs an index-sized length).
+  epochs = -(-tc.steps * rl.tasks_per_step // len(tasks)) + 1
+  ds = grain.MapDataset.source(tasks).shuffle(seed=rl.task_seed).repeat(epochs)
+  it = iter(ds.batch(rl.tasks_per_step, batch_fn=list).to_iter_dataset())
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep,
+                      async_save=tc.async_checkpoint)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(state, it)
+    start = int(state.step)
+  sampler = Sampler(cfg, state.params, max_len=rl.max_tokens, tokenizer=tokenizer)
+  log = MetricsLogger(os.path.join(workdir, "logs"), tc.steps, start, enabled=verbose)
+  summary = {"start_step": start, "reward_mean": {}, "loss": {}, "workdir": workdir}
+  for step in range(start, tc.steps):
+    t0 = time.perf_counter()
+    groups, stats = collect_groups(sampler, tokenizer, next(it), rl, step=step)
+    t1 = time.perf_counter()
+    batch, info = prune_batch(groups, rl.num_rows, rl.row_tokens, prune_cfg, norm=rl.norm)
+    arrays = jax.device_put(batch.arrays(), batch_sh)
+    state, metrics = step_fn(state, arrays)
+    sampler.update_weights(state.params)
+    metrics = jax.device_get(metrics)
+    t2 = time.perf_counter()
+    done = step + 1
+    metrics.update(stats, flat_tokens=float(sum(len(t) for g in groups for t in g)),
+                   kept_tokens=float(info["kept_tokens"]), tree_tokens=float(info["tokens"]),
+                   retained_signal=float(info["retained_signal"]),
+                   rollout_s=t1 - t0, train_s=t2 - t1, bubble=(t1 - t0) / (t2 - t0))
+    summary["reward_mean"][done] = stats["reward_mean"]
+    summary["loss"][done] = float(metrics["loss"])
+    if done % tc.log_every == 0 or done == tc.steps:
+      log.write(done, metrics)
+    log.advance(1)
+    if done % tc.checkpoint_every == 0 or done == tc.steps:
+      ckpt.save(done, state, it, config.to_dict(), force=done == tc.steps)
+  ckpt.close()
+  log.close()
+  summary.update(steps=tc.steps, state=state)
+  return summary
