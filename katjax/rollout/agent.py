@@ -26,6 +26,7 @@ import numpy as np
 
 from katjax.core import tree
 from katjax.envs.base import ToolCall
+from katjax.rollout.deviation import truncate_after
 from katjax.model.tokenizer import IM_END, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from katjax.rollout.sampler import SamplingParams
 
@@ -75,7 +76,7 @@ class Rollout:
   messages: list
   reward: float = 0.0
   info: dict = dataclasses.field(default_factory=dict)
-  finish_reason: str = ""  # answer | submitted | max_turns | max_tokens | length | timeout
+  finish_reason: str = ""  # answer|submitted|max_turns|max_tokens|length|timeout|deviation
   num_tool_calls: int = 0
   num_tool_errors: int = 0
   parallel_turns: int = 0  # turns with more than one tool call
@@ -93,8 +94,13 @@ class Rollout:
 
 
 def run_episode(backend, tokenizer, env, task: dict, sampling: SamplingParams | None = None,
-                limits: AgentLimits = AgentLimits(), seed: int = 0) -> Rollout:
-  """Runs one task to the end and returns its token-level `Rollout` (reward included)."""
+                limits: AgentLimits = AgentLimits(), seed: int = 0, monitor=None) -> Rollout:
+  """Runs one task to the end and returns its token-level `Rollout` (reward included).
+
+  monitor: an RFT `katjax.rollout.deviation.DeviationMonitor`, called after every turn that
+  does not end the episode; when it says stop the episode ends ("deviation") and the tokens
+  of the deviating turns are masked out of the loss (kept in the record).
+  """
   sampling = sampling or SamplingParams(max_new_tokens=limits.max_new_tokens)
   deadline = time.monotonic() + limits.max_seconds
   messages, tools = env.reset(task)
@@ -150,11 +156,20 @@ def run_episode(backend, tokenizer, env, task: dict, sampling: SamplingParams | 
     flag = EVENT_TOOL_RESULT | (EVENT_TOOL_ERROR if any(o.startswith("Error")
                                                         for _, o in results) else 0)
     rec.add(tokenizer.encode(delta), events=flag)
+    if monitor is not None:
+      generated = np.asarray(rec.tokens, np.int32)[np.asarray(rec.mask, bool)]
+      if monitor(tool_calls, generated=generated, malformed=len(errors)).stop:
+        finish = "deviation"
+        break
     if done:
       finish = "submitted"
       break
   reward, info = env.evaluate()
-  return rec.finish(messages, float(reward), info, finish, n_calls, n_errors, parallel)
+  rollout = rec.finish(messages, float(reward), info, finish, n_calls, n_errors, parallel)
+  if monitor is not None and monitor.verdict.stop:
+    rollout = truncate_after(rollout, int(rollout.turn_starts[monitor.verdict.cut_turn]))
+    rollout.info["deviation"] = monitor.verdict.reason
+  return rollout
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -153,3 +153,22 @@ def test_rollouts_feed_the_prefix_tree():
 def test_bad_limits():
   with pytest.raises(ValueError, match="max_turns"):
     AgentLimits(max_turns=0)
+
+
+def test_deviation_monitor_ends_the_episode_and_masks_the_deviating_turns():
+  from katjax.rollout.deviation import DeviationConfig, DeviationMonitor
+  backend = Scripted([call("nap", seconds=0.01), call("nap", duration=1),
+                      call("submit", answer="42")])
+  tools = SleepEnv().reset({"q": ""})[1]
+  monitor = DeviationMonitor(tools=tools, config=DeviationConfig(min_similarity=None))
+  ro = run_episode(backend, TOK, SleepEnv(), {"q": "?"}, monitor=monitor)
+  # Turn 1 calls nap with a wrong argument: schema patience 1 stops the episode there.
+  assert ro.finish_reason == "deviation" and "invalid tool calls" in ro.info["deviation"]
+  assert ro.num_turns == 2 and len(backend.prompts) == 2
+  cut = ro.turn_starts[1]
+  assert ro.loss_mask[ro.turn_starts[0]:ro.turn_ends[0]].all()  # the good turn still trains
+  assert not ro.loss_mask[cut:].any()  # the deviating turn does not
+  # The record is still exactly what the model saw and generated.
+  np.testing.assert_array_equal(ro.tokens[ro.turn_starts[1]:ro.turn_ends[1]],
+                                backend.generated[1])
+  assert backend.prompts[1] == ro.tokens[:cut].tolist()
