@@ -1,5 +1,7 @@
 """Tiny agentic RL on CPU: the byte-level tiny model on the arithmetic tool environment.
 
+Also the base of configs/rft_tiny.py (RFT adds a config.rl.rft section).
+
 `python -m katjax.launch --stage=rl --config=configs/rl_tiny.py`: each step runs
 rl.tasks_per_step x rl.group_size agent episodes with the current weights, merges each
 task's rollouts into a prefix tree, prunes the forest to rl.num_rows x rl.row_tokens and

@@ -58,39 +58,59 @@ def load_rl_tasks(rl) -> list[dict]:
   return generate_tasks(rl.num_tasks, seed=rl.task_seed)
 
 
-def collect_groups(sampler, tokenizer, tasks, rl, *, step: int) -> tuple[list, dict]:
-  """Rollouts of every task -> (groups of core.tree.Trajectory with advantages, stats)."""
+def collect_groups(sampler, tokenizer, tasks, rl, *, step: int, rft=None) -> tuple[list, dict]:
+  """Rollouts of every task -> (groups of core.tree.Trajectory with advantages, stats).
+
+  rft: None (the environment's reward) or a `katjax.stages.rft.RftRewards`: a deviation
+  monitor per rollout, rewards relative to the task's ground truth, and the teacher
+  trajectory as one more (off-policy) branch of the group's tree.
+  """
   sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p,
                             max_new_tokens=rl.max_new_tokens)
   limits = AgentLimits(max_turns=rl.max_turns, max_tokens=rl.max_tokens,
                        max_new_tokens=rl.max_new_tokens)
-  groups, rewards, turns, calls, parallel = [], [], [], [], []
+  groups, rewards, turns, calls, parallel, cut = [], [], [], [], [], 0
   for t, task in enumerate(tasks):
     rollouts = []
     for g in range(rl.group_size):
       with make_env(rl.env) as env:
         seed = (step * len(tasks) + t) * rl.group_size + g
-        rollouts.append(run_episode(sampler, tokenizer, env, task, sampling, limits, seed=seed))
+        monitor = rft.monitor(task) if rft is not None else None
+        rollouts.append(run_episode(sampler, tokenizer, env, task, sampling, limits, seed=seed,
+                                    monitor=monitor))
       if rollouts[-1].num_turns == 0 and rollouts[-1].finish_reason == "max_tokens":
         raise ValueError(f"task {task.get('id', t)!r}: the prompt alone has "
                          f"{len(rollouts[-1].tokens)} tokens >= rl.max_tokens={rl.max_tokens}; "
                          f"raise rl.max_tokens (and rl.row_tokens)")
-    r = np.asarray([x.reward for x in rollouts], np.float64)
+    branches = [x.to_tree(group_id=t, policy_version=step) for x in rollouts]
+    if rft is None:
+      r = np.asarray([x.reward for x in rollouts], np.float64)
+    else:
+      r = rft.rewards(task, rollouts)
+      teacher = rft.teacher(task)
+      if teacher is not None:  # scored like a rollout: similarity 1, outcome 1
+        branches.append(dataclasses.replace(teacher, group_id=t, policy_version=step))
+        r = np.append(r, 1.0)
     adv = np.asarray(grpo_advantages(r, np.zeros(len(r), np.int32)), np.float64)
-    groups.append([dataclasses.replace(x.to_tree(group_id=t, policy_version=step),
-                                       advantage=float(a)) for x, a in zip(rollouts, adv)])
-    rewards += list(r)
+    groups.append([dataclasses.replace(b, reward=float(x), advantage=float(a))
+                   for b, x, a in zip(branches, r, adv)])
+    rewards += list(r[:len(rollouts)])
     turns += [x.num_turns for x in rollouts]
     calls += [x.num_tool_calls for x in rollouts]
     parallel += [x.parallel_turns for x in rollouts]
+    cut += sum(x.finish_reason == "deviation" for x in rollouts)
   stats = {"reward_mean": float(np.mean(rewards)), "turns_mean": float(np.mean(turns)),
            "tool_calls_mean": float(np.mean(calls)),
-           "parallel_call_turns": float(np.sum(parallel)) / max(float(np.sum(turns)), 1.0)}
+           "parallel_call_turns": float(np.sum(parallel)) / max(float(np.sum(turns)), 1.0),
+           "deviation_cut_share": cut / len(rewards)}
   return groups, stats
 
 
-def train_rl(config, workdir: str, *, verbose: bool = True) -> dict:
-  """Run (or resume) the RL loop; returns {start_step, steps, reward_mean, loss, state}."""
+def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
+  """Run (or resume) the RL loop; returns {start_step, steps, reward_mean, loss, state}.
+
+  rft: see `collect_groups` (the RFT stage passes its ground-truth rewards).
+  """
   cfg, rl, tc = model_config(config), config.rl, config.train
   tokenizer = make_tokenizer(config)
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -131,7 +151,7 @@ def train_rl(config, workdir: str, *, verbose: bool = True) -> dict:
   summary = {"start_step": start, "reward_mean": {}, "loss": {}, "workdir": workdir}
   for step in range(start, tc.steps):
     t0 = time.perf_counter()
-    groups, stats = collect_groups(sampler, tokenizer, next(it), rl, step=step)
+    groups, stats = collect_groups(sampler, tokenizer, next(it), rl, step=step, rft=rft)
     t1 = time.perf_counter()
     batch, info = prune_batch(groups, rl.num_rows, rl.row_tokens, prune_cfg, norm=rl.norm)
     arrays = jax.device_put(batch.arrays(), batch_sh)
