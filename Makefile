@@ -44,7 +44,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test
 # Each benchmark prints JSON; CPU figures are in README.md.
 bench: $(VENV)/.installed-bench
 	$(PY) -m katjax.bench.attention
-	$(PY) -m katjax.bench.tree --turns 2 4 --tool_len 50 200 --assistant_len 20 100
+	$(PY) -m katjax.bench.tree
 	$(PY) -m katjax.bench.prune
 	$(PY) -m katjax.bench.train
 	$(PY) -m katjax.bench.sampler
