@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from katjax.model.config import ModelConfig
+from katjax.model import decoder
 from katjax.model.decoder import Decoder
 
 
@@ -50,8 +51,7 @@ def forward(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   if subtree_end is None:
     subtree_end = jnp.full((b, t), t, jnp.int32)
-  logits, _ = Decoder(cfg).apply({"params": params}, tokens, positions, subtree_end)
-  return logits
+  return Decoder(cfg).apply({"params": params}, tokens, positions, subtree_end)
 
 
 def apply(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):
@@ -78,23 +78,46 @@ def _forward_jit(cfg, params, tokens, positions, subtree_end):
   return forward(cfg, params, tokens, positions, subtree_end)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-  """Zeroed KV cache {"k","v": [L, B, S, KV, D]} for `forward_with_cache`."""
-  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.dim_per_head)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple:
+  """Zeroed KV cache for `forward_with_cache`: per layer {"k", "v": [B, KV, S, D]}.
+
+  Head-major per layer so decode attention reads each layer's keys and values in place.
+  """
+  shape = (batch, cfg.n_kv_heads, max_len, cfg.dim_per_head)
   dtype = dtype or cfg.compute_dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+               for _ in range(cfg.n_layers))
 
 
-def forward_with_cache(cfg: ModelConfig, params, tokens, positions, cache, cache_index):
+def split_layers(params) -> dict:
+  """params with the stacked "layers" subtree replaced by a tuple of per-layer subtrees.
+
+  `forward_with_cache` accepts either form; hand it split params when it runs many times
+  with the same weights (the sampler does): XLA CPU otherwise copies each layer's weights
+  out of the stack on every call.
+  """
+  layers = params["layers"]
+  if isinstance(layers, (tuple, list)):
+    return params
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers)
+                                    for i in range(n))}
+
+
+def forward_with_cache(cfg: ModelConfig, params, tokens, positions, cache, cache_index,
+                       logits_index=None):
   """Prefill or decode a chunk. tokens int[B,T] written at slots cache_index int[B] + t.
 
   Every cache slot up to a query's own slot is visible (a plain causal row per batch item;
-  tree rollouts fork by copying rows). Returns (logits float32[B,T,V], new cache).
+  tree rollouts fork by copying rows). params: stacked or `split_layers`. Returns (logits
+  float32[B,T,V], new cache); with logits_index int[B], logits float32[B,1,V] at that
+  position of each row only (a prefill needs no more).
   """
-  slots = cache["k"].shape[2]
-  subtree_end = jnp.full((tokens.shape[0], slots), slots, jnp.int32)
-  return Decoder(cfg).apply({"params": params}, tokens, positions, subtree_end, cache,
-                            cache_index.astype(jnp.int32))
+  params = split_layers(params)
+  rest = {k: v for k, v in params.items() if k != "layers"}
+  idx = None if logits_index is None else logits_index.astype(jnp.int32)
+  return decoder.decode(cfg, rest, params["layers"], tokens, positions, cache,
+                        cache_index.astype(jnp.int32), idx)
 
 
 # --- host-side validation ----------------------------------------------------------------

@@ -3,8 +3,8 @@
 Layers are stacked with `nn.scan` (params carry a leading "layers" axis), so compile time
 does not grow with depth. Every parameter is declared with logical axis names; the mesh
 rules in `katjax.parallel` map them to devices. Attention follows the interval mask of
-`katjax.model.attention`; an optional KV cache (stacked [L, B, S, KV, D], carried through
-the layer scan and written at `cache_index` per row) serves the sampler with the same module.
+`katjax.model.attention`. `decode` runs the same blocks with a KV cache for the sampler: the
+layers unrolled over per-layer params and per-layer caches (see its docstring for why).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from katjax.model.attention import attention
 from katjax.model.config import ModelConfig
+from katjax.model.decode_attention import cached_attention, write_cache
 from katjax.model.rope import apply_rope
 
 _INIT = nn.initializers.normal(0.02)
@@ -43,7 +44,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, subtree_end, cache, layer, cache_index):
+  def __call__(self, x, positions, subtree_end, cache, cache_index):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     hd = cfg.dim_per_head
 
@@ -67,16 +68,11 @@ class Attention(nn.Module):
       out = attention(q, k, v, subtree_end, impl=cfg.attention_impl,
                       block=cfg.attention_block, dense_max_len=cfg.dense_max_len)
     else:
-      # Decode/prefill: scatter only this chunk's keys into the stacked [L, B, S, ...] cache
-      # (the scan carry, updated in place), then attend over this layer's cache slots.
-      rows = jnp.arange(x.shape[0])[:, None]
+      # Prefill/decode: write this chunk's keys at cache_index per row, then attend over this
+      # layer's cache (subtree_end is unused: every slot up to the query's own is visible).
+      cache = write_cache(cache, k, v, cache_index)
       slots = cache_index[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)
-      cache = {
-          "k": cache["k"].at[layer, rows, slots].set(k.astype(cache["k"].dtype)),
-          "v": cache["v"].at[layer, rows, slots].set(v.astype(cache["v"].dtype)),
-      }
-      out = attention(q, cache["k"][layer].astype(dt), cache["v"][layer].astype(dt),
-                      subtree_end, q_index=slots)
+      out = cached_attention(q, cache, slots)
     out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt,
                           param_dtype=jnp.float32,
                           kernel_init=_param_init(("heads", "head_dim", "embed")),
@@ -105,26 +101,25 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, carry, positions, subtree_end, cache_index):
-    x, cache, layer = carry
+    x, cache = carry  # cache: this layer's {"k", "v"} or None
     cfg = self.cfg
     h, cache = Attention(cfg, name="attn")(
         RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x),
-        positions, subtree_end, cache, layer, cache_index)
+        positions, subtree_end, cache, cache_index)
     x = x + h
     x = x + Mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
-    return (x, cache, layer + 1), None
+    return (x, cache), None
 
 
 class Decoder(nn.Module):
-  """tokens int[B, T] -> logits float32[B, T, V] (and the updated cache when given one)."""
+  """tokens int[B, T] -> logits float32[B, T, V] (training and uncached forward)."""
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions, subtree_end, cache=None, cache_index=None):
-    cfg, dt = self.cfg, self.cfg.compute_dtype
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=jnp.float32,
-                     embedding_init=_param_init(("vocab", "embed")), name="embed")
+  def __call__(self, tokens, positions, subtree_end):
+    cfg = self.cfg
+    embed = _embed(cfg)
     x = embed(tokens)
     block = Block
     if cfg.remat:
@@ -132,13 +127,48 @@ class Decoder(nn.Module):
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    # The stacked cache rides in the carry so each layer writes its new slots in place.
-    (x, new_cache, _), _ = layers(cfg, name="layers")(
-        (x, cache, jnp.zeros((), jnp.int32)), positions, subtree_end, cache_index)
-    x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x.astype(dt))
-    else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=jnp.float32,
-                        kernel_init=_param_init(("embed", "vocab")), name="lm_head")(x)
-    return logits.astype(jnp.float32), new_cache
+    (x, _), _ = layers(cfg, name="layers")((x, None), positions, subtree_end, None)
+    x = _final_norm(cfg)(x)
+    logits = embed.attend(x) if cfg.tie_embeddings else _lm_head(cfg)(x)
+    return logits.astype(jnp.float32)
+
+
+def decode(cfg: ModelConfig, params, layer_params, tokens, positions, cache, cache_index,
+           logits_index=None):
+  """The Decoder's computation with a KV cache, layer by layer (prefill and decode).
+
+  layer_params: a sequence of n_layers per-layer param trees (the "layers" subtree sliced
+  on its leading axis); cache: a sequence of per-layer {"k", "v": [B, KV, S, D]}. Unrolled
+  over separate arrays because XLA CPU materialises every per-layer slice of stacked params
+  or caches inside a layer scan (a copy of all weights per decode step). Returns (logits
+  float32[B, T, V], or [B, 1, V] at position logits_index int[B] of each row; new cache).
+  """
+  x = _embed(cfg).apply({"params": params["embed"]}, tokens)
+  new_cache = []
+  for lp, lc in zip(layer_params, cache, strict=True):
+    (x, lc), _ = Block(cfg).apply({"params": lp}, (x, lc), positions, None, cache_index)
+    new_cache.append(lc)
+  if logits_index is not None:  # prefill needs one row of logits, not T x vocab
+    x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)
+  x = _final_norm(cfg).apply({"params": params["final_norm"]}, x)
+  if cfg.tie_embeddings:
+    logits = _embed(cfg).apply({"params": params["embed"]}, x, method="attend")
+  else:
+    logits = _lm_head(cfg).apply({"params": params["lm_head"]}, x)
+  return logits.astype(jnp.float32), tuple(new_cache)
+
+
+def _embed(cfg):
+  return nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                  param_dtype=jnp.float32, embedding_init=_param_init(("vocab", "embed")),
+                  name="embed")
+
+
+def _final_norm(cfg):
+  return RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")
+
+
+def _lm_head(cfg):
+  return nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                  param_dtype=jnp.float32, kernel_init=_param_init(("embed", "vocab")),
+                  name="lm_head")
