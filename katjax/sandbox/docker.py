@@ -2,9 +2,12 @@
 
 The container has no network, a read-only root, a private volume at /work (the only
 persistent writable place; /tmp is a small tmpfs), memory / CPU / PID limits, all
-capabilities dropped, no-new-privileges, an init process, and runs commands as uid 1000.
-The keep-alive process runs as another uid (65534) so a cleanup `kill -9 -1` issued as the
-command user cannot stop the container. Each command runs under `timeout -s KILL` inside
+capabilities dropped, no-new-privileges, an init process, and runs commands as its own
+unprivileged uid: RLIMIT_NPROC counts every process of a uid on the host, across containers,
+so sandboxes sharing one uid would let a fork bomb in one starve the others of processes.
+The keep-alive process runs as root, which alone holds two capabilities (CHOWN to hand /work
+to the command uid, KILL for cleanup); a `kill -9 -1` issued as the command user cannot stop
+it, and no-new-privileges keeps the command uid from ever gaining them. Each command runs under `timeout -s KILL` inside
 the container, with a host-side deadline as a second line of defence.
 
 Every container and volume is labelled with the owning host and pid: `sweep()` removes the
@@ -17,6 +20,7 @@ from __future__ import annotations
 import atexit
 import base64
 import io
+import itertools
 import logging
 import os
 import shlex
@@ -33,14 +37,24 @@ __all__ = ["DockerSandbox", "docker_available", "sweep", "DEFAULT_IMAGE", "LABEL
 
 DEFAULT_IMAGE = os.environ.get("KATJAX_SANDBOX_IMAGE", "katjax-sandbox:latest")
 LABEL = "org.katjax.sandbox"
-USER = "1000:1000"
-KEEPER_USER = "65534:65534"
+KEEPER_USER = "0:0"  # exec as root gets the capabilities only when the keeper is root
 WORKDIR = "/work"
+# Command uids: one per sandbox, unique per host process (pid) and sandbox (counter), above
+# the system range and apart from the local sandboxes' 200000+ range; they need no account.
+SANDBOX_UID_BASE = 300_000
+_uid_counter = itertools.count()
 
-_KILL_ALL = ("for round in 1 2 3 4; do n=0; for p in /proc/[0-9]*; do "
-             "while read -r k u _; do if [ \"$k\" = Uid: ]; then "
-             "[ \"$u\" = 1000 ] && kill -9 \"${p#/proc/}\" 2>/dev/null && n=$((n+1)); break; fi; "
-             "done < \"$p/status\"; done 2>/dev/null; [ $n = 0 ] && break; done")
+
+def _sandbox_uid() -> int:
+  return SANDBOX_UID_BASE + (os.getpid() % 10_000) * 100 + next(_uid_counter) % 100
+
+
+def _kill_all_script(uid: int) -> str:
+  """bash (builtins only: no extra PIDs) that kills every process of `uid`, in rounds."""
+  return ("for round in 1 2 3 4; do n=0; for p in /proc/[0-9]*; do "
+          "while read -r k u _; do if [ \"$k\" = Uid: ]; then "
+          f"[ \"$u\" = {uid} ] && kill -9 \"${{p#/proc/}}\" 2>/dev/null && n=$((n+1)); break; fi; "
+          "done < \"$p/status\"; done 2>/dev/null; [ $n = 0 ] && break; done")
 
 _swept = False
 _sweep_lock = threading.Lock()
@@ -57,6 +71,8 @@ class DockerSandbox(Sandbox):
     self.nproc = max(pids_limit - 16, 8)
     self._inflight, self._inflight_lock = 0, threading.Lock()
     self.workdir = WORKDIR
+    self.uid = _sandbox_uid()
+    self.user = f"{self.uid}:{self.uid}"
     self._closed = True
     _sweep_once(self.client)
     name = f"katjax-sbx-{uuid.uuid4().hex[:12]}"
@@ -76,11 +92,19 @@ class DockerSandbox(Sandbox):
         tmpfs={"/tmp": f"rw,nosuid,nodev,size={tmp_mb}m,mode=1777"},
         mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m",
         nano_cpus=int(cpus * 1e9), pids_limit=pids_limit, cap_drop=["ALL"],
+        # Only root (the keeper and this class's own execs) has capabilities: CHOWN hands
+        # /work to the command uid, KILL ends that uid's processes.
+        cap_add=["CHOWN", "KILL"],
         security_opt=["no-new-privileges"], working_dir=WORKDIR)
     except Exception:
       self.volume.remove(force=True)
       raise
     self._closed = False
+    # The fresh volume holds the image's /work; hand it to this sandbox's command uid.
+    code, out = self.container.exec_run(["chown", "-R", self.user, WORKDIR], user="0:0")
+    if code != 0:
+      self.close()
+      raise SandboxError(f"could not chown {WORKDIR} to uid {self.uid}: {out!r}")
 
   def exec(self, cmd: str, timeout: float = 60.0) -> tuple[str, int, bool]:
     if self._closed:
@@ -96,7 +120,8 @@ class DockerSandbox(Sandbox):
     api = self.client.api
     with self._inflight_lock:
       try:
-        exec_id = api.exec_create(self.container.id, argv, user=USER, workdir=WORKDIR)["Id"]
+        exec_id = api.exec_create(self.container.id, argv, user=self.user,
+                                  workdir=WORKDIR)["Id"]
         stream = api.exec_start(exec_id, stream=True)
       except Exception as e:
         raise SandboxError(f"docker exec failed: {e}") from e
@@ -134,7 +159,7 @@ class DockerSandbox(Sandbox):
     with tarfile.open(fileobj=buf, mode="w") as tar:
       info = tarfile.TarInfo(os.path.basename(rel))
       info.size, info.mode, info.mtime = len(data), 0o644, time.time()
-      info.uid = info.gid = 1000
+      info.uid = info.gid = self.uid
       tar.addfile(info, io.BytesIO(data))
     if not self.container.put_archive(f"{WORKDIR}/{parent}".rstrip("/"), buf.getvalue()):
       raise SandboxError(f"could not write {path} into the container")
@@ -156,7 +181,7 @@ class DockerSandbox(Sandbox):
     buf = io.BytesIO()
 
     def own(info):
-      info.uid = info.gid = 1000
+      info.uid = info.gid = self.uid
       info.uname = info.gname = ""
       return info
 
@@ -182,7 +207,7 @@ class DockerSandbox(Sandbox):
 
   def _finish(self, privileged: bool) -> None:
     # No process outlives its command: when the last concurrent command of this sandbox
-    # ends, every uid-1000 process is killed (`kill -9 -1` as that uid; the keep-alive
+    # ends, every process of the command uid is killed (`kill -9 -1` as that uid; the keep-alive
     # process runs as another uid). Commands running concurrently are left alone.
     with self._inflight_lock:
       self._inflight -= 1
@@ -194,17 +219,18 @@ class DockerSandbox(Sandbox):
       try:
         exec_id = self.client.api.exec_create(
           self.container.id, ["bash", "-c", "kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null"],
-          user=USER)
+          user=self.user)
         self.client.api.exec_start(exec_id["Id"])
       except Exception:
         self._kill_user_processes()
 
   def _kill_user_processes(self) -> None:
-    # Root with CAP_KILL (a privileged exec; the container itself keeps no capabilities)
-    # kills every uid-1000 process, using bash builtins only so it needs no extra PIDs.
+    # Root with CAP_KILL (the one root capability besides CHOWN; the command uid has none)
+    # kills every process of the command uid, using bash builtins only (no extra PIDs).
     try:
-      exec_id = self.client.api.exec_create(self.container.id, ["bash", "-c", _KILL_ALL],
-                                            user="0:0", privileged=True)
+      exec_id = self.client.api.exec_create(self.container.id,
+                                            ["bash", "-c", _kill_all_script(self.uid)],
+                                            user="0:0")
       self.client.api.exec_start(exec_id["Id"])
     except Exception:
       pass

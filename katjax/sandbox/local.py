@@ -12,6 +12,7 @@ contained otherwise). On timeout the whole process group is SIGKILLed.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import resource
 import shutil
@@ -24,14 +25,18 @@ from katjax.sandbox.base import DEFAULT_OUTPUT_LIMIT, OutputCap, Sandbox, check_
 
 __all__ = ["LocalSandbox", "bwrap_available"]
 
-# RLIMIT_NPROC counts every process of a uid, so sandboxes of different host processes
-# (pytest-xdist workers, parallel rollout workers) get different unprivileged uids: a fork
-# bomb in one cannot starve the others. Unmapped uids above the system range need no account.
+# RLIMIT_NPROC counts every process of a uid, so every sandbox gets its own unprivileged uid
+# (unique per host process and sandbox): a fork bomb in one cannot starve the others, in
+# this process or another (pytest-xdist workers, parallel rollout workers). Unmapped uids
+# above the system range need no account; the Docker sandboxes use 300000 and above.
 SANDBOX_UID_BASE = 200_000
+_uid_counter = itertools.count()
 
 
-def _process_uid() -> int:
-  return SANDBOX_UID_BASE + os.getpid() % 100_000
+def _sandbox_uid() -> int:
+  return SANDBOX_UID_BASE + (os.getpid() % 1_000) * 100 + next(_uid_counter) % 100
+
+
 # The system's tools, not the caller's (a venv or pyenv under /root is unreadable to the
 # unprivileged sandbox user): tasks need python3 with pytest, and git, installed system-wide.
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -46,7 +51,7 @@ class LocalSandbox(Sandbox):
                path: str = SYSTEM_PATH):
     self.memory_mb, self.max_procs, self.max_file_mb = memory_mb, max_procs, max_file_mb
     self.cpu_seconds, self.output_limit, self.path = cpu_seconds, output_limit, path
-    self.uid = uid if uid is not None else (_process_uid() if os.geteuid() == 0 else None)
+    self.uid = uid if uid is not None else (_sandbox_uid() if os.geteuid() == 0 else None)
     self.use_bwrap = bwrap_available(self.uid) if use_bwrap is None else use_bwrap
     if self.use_bwrap and not bwrap_available(self.uid):
       raise ValueError("use_bwrap=True but bubblewrap is not installed or cannot run here")

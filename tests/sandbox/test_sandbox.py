@@ -2,11 +2,12 @@
 
 import os
 import tempfile
+import threading
 import time
 
 import pytest
 
-from katjax.sandbox import OutputCap, check_relpath
+from katjax.sandbox import OutputCap, check_relpath, make_sandbox
 
 
 def test_exec_and_files(sandbox):
@@ -120,3 +121,24 @@ def test_check_relpath():
   for bad in ("", "/x", "..", "../x", "a\x00b"):
     with pytest.raises(ValueError):
       check_relpath(bad)
+
+
+def test_fork_bomb_does_not_starve_another_sandbox(sandbox):
+  # RLIMIT_NPROC counts processes per uid host-wide: each sandbox runs as its own uid, so a
+  # fork bomb at its limit in one leaves the other able to start processes.
+  kind = "docker" if hasattr(sandbox, "container") else "local"
+  other = make_sandbox(kind, memory_mb=512, pids_limit=64) if kind == "docker" \
+    else make_sandbox(kind, memory_mb=512, max_procs=64)
+  try:
+    assert other.uid != sandbox.uid
+    bomb = threading.Thread(target=sandbox.exec, daemon=True, args=(
+        "bomb() { bomb | bomb & }; bomb; sleep 6", 8))
+    bomb.start()
+    time.sleep(2)  # the bomb is at its process limit now
+    for _ in range(3):
+      out, code, _ = other.exec("for i in 1 2 3 4 5; do (true) ; done; echo alive", timeout=20)
+      assert (out, code) == ("alive\n", 0)
+    bomb.join(30)
+  finally:
+    other.close()
+  assert sandbox.exec("echo alive", timeout=20)[0] == "alive\n"
