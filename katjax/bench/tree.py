@@ -11,7 +11,7 @@ lengths the tiny model's attention dominates), speedup_vs_flop_ratio, and the de
 of each compiled step (flat_step_bytes, tree_step_bytes): a memory budget between the two
 fits the tree step and not the flat one.
 
-The defaults give ~20k-token tree rows and take ~20 minutes on 2 CPU cores (the flat step is
+The defaults give ~20k-token tree rows and take ~6 minutes on 2 quiet CPU cores (the flat step is
 the slow one); `--turns 2 4 --tool_len 50 200 --assistant_len 20 100` gives ~5k-token trees.
 """
 
