@@ -16,6 +16,7 @@ def get_config():
                  qk_norm=True, tie_embeddings=False, dtype="bfloat16", remat=True,
                  attention_impl="blockwise", attention_block=1024, family="qwen3")
   c.tokenizer = "tokenizer.json"  # Qwen3's tokenizer.json (path on the training hosts)
+  c.init_from = ""  # the Qwen3-32B Hugging Face folder on the training hosts ("" = random)
   c.data = dict(train_file="", eval_file="", seq_len=32768, batch_size=256, seed=0,
                 on_error="skip")
   c.optimizer = dict(learning_rate=1e-5, warmup_steps=100, total_steps=steps,

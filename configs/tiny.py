@@ -10,6 +10,7 @@ def get_config():
                  dtype="float32", remat=False, family="qwen3", qk_norm=True,
                  tie_embeddings=True)
   c.tokenizer = "byte"  # "byte" (ByteTokenizer) or a path to a tokenizer.json
+  c.init_from = ""  # a Hugging Face folder for the step-0 params ("" = random init)
   c.data = dict(train_file="", eval_file="",  # "" = embedded synthetic data
                 seq_len=512, batch_size=4, seed=0, on_error="skip")
   c.optimizer = dict(learning_rate=3e-3, warmup_steps=5, total_steps=steps, end_lr_ratio=0.1,
