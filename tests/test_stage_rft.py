@@ -30,16 +30,6 @@ class Scripted:
                         prompt_len=len(prompts[0]))]]
 
 
-def _lcs(a, b):
-  """Plain dynamic programme: length of the longest common subsequence."""
-  row = [0] * (len(b) + 1)
-  for x in a:
-    prev, row = row, [0]
-    for j, y in enumerate(b):
-      row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
-  return row[-1]
-
-
 def _rft_config(outcome_weight=0.5, monitor=False):
   import ml_collections
   return ml_collections.ConfigDict(dict(
@@ -52,7 +42,7 @@ def _submit(answer):
           + '\n</tool_call>')
 
 
-def test_rewards_are_lcs_similarity_to_the_teacher_mixed_with_the_outcome():
+def test_rewards_are_lcs_similarity_to_the_teacher_mixed_with_the_outcome(lcs_ref):
   task = generate_tasks(1, seed=5)[0]
   rewards = rft_stage.RftRewards(TOK, "arithmetic", _rft_config(outcome_weight=0.25))
   texts = [_submit(str(task["answer"])), _submit(str(task["answer"] + 1)), "no idea"]
@@ -66,7 +56,7 @@ def test_rewards_are_lcs_similarity_to_the_teacher_mixed_with_the_outcome():
   teacher = [int(i) for i in ids[mask == 1]]
   for r, text, value in zip(rollouts, texts, got):
     gen = TOK.encode(text) + [TOK.eos_id]
-    sim = 2 * _lcs(gen, teacher) / (len(gen) + len(teacher))
+    sim = 2 * lcs_ref(gen, teacher) / (len(gen) + len(teacher))
     expected = 0.75 * sim + 0.25 * r.reward
     np.testing.assert_allclose(value, expected, rtol=1e-6)
   assert [r.reward for r in rollouts] == [1.0, 0.0, 0.0]

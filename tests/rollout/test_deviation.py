@@ -23,15 +23,6 @@ def edit(path):
   return ToolCall(id="c", name="edit", arguments={"path": path, "old_str": "x", "new_str": "y"})
 
 
-def lcs_ref(a, b):
-  table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-  for i in range(1, len(a) + 1):
-    for j in range(1, len(b) + 1):
-      table[i][j] = (table[i - 1][j - 1] + 1 if a[i - 1] == b[j - 1]
-                     else max(table[i - 1][j], table[i][j - 1]))
-  return table[-1][-1]
-
-
 @pytest.mark.parametrize("patience", [1, 2, 4])
 def test_files_outside_gold_patch_stop_after_patience_turns_not_before(patience):
   cfg = DeviationConfig(patience=patience, min_similarity=None)
@@ -59,7 +50,7 @@ def test_reading_files_outside_the_gold_patch_is_fine():
   assert not mon([ToolCall("c", "view", {"path": "elsewhere.py"})]).stop
 
 
-def test_similarity_to_teacher_prefix_against_plain_lcs():
+def test_similarity_to_teacher_prefix_against_plain_lcs(lcs_ref):
   teachers = [np.arange(1, 31), np.arange(100, 112)]
   cfg = DeviationConfig(patience=2, min_similarity=0.5)
   mon = DeviationMonitor(teacher_ids=teachers, config=cfg)
