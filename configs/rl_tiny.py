@@ -10,15 +10,19 @@ takes one tree-loss step. The byte-level prompt (system text and tool schemas) a
 0: this config exercises the machinery, not learning.
 """
 
+import os
+import sys
+
 import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny  # noqa: E402
 
 
 def get_config():
   c = ml_collections.ConfigDict()
   steps = ml_collections.FieldReference(4)
-  c.model = dict(vocab_size=272, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                 dtype="float32", remat=False, family="qwen3", qk_norm=True,
-                 tie_embeddings=True)
+  c.model = tiny.get_config().model  # the tiny byte-level model of configs/tiny.py
   c.tokenizer = "byte"
   c.rl = dict(env="arithmetic", tasks_file="", num_tasks=64, task_seed=0, tasks_per_step=2,
               group_size=4, temperature=1.0, top_p=1.0, max_turns=2, max_new_tokens=48,

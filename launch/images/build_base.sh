@@ -21,7 +21,7 @@ if [ ! -s "$TARBALL" ]; then
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap
   fi
   mkdir -p "$CACHE"
-  ROOT="$(mktemp -d /tmp/katjax-rootfs.XXXXXX)"
+  ROOT="$(mktemp -d)"  # a fresh directory under $TMPDIR for the rootfs
   trap 'rm -rf "$ROOT"' EXIT
   echo "build_base: debootstrap $SUITE into $ROOT"
   debootstrap --variant=minbase --include=python3,python3-pytest,git,patch \
