@@ -8,7 +8,7 @@ def get_config():
   steps = ml_collections.FieldReference(30)
   c.model = dict(vocab_size=272, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                  dtype="float32", remat=False, family="qwen3", qk_norm=True,
-                 tie_embeddings=True)
+                 tie_embeddings=True, scan_unroll=2)
   c.tokenizer = "byte"  # "byte" (ByteTokenizer) or a path to a tokenizer.json
   c.init_from = ""  # a Hugging Face folder for the step-0 params ("" = random init)
   c.data = dict(train_file="", eval_file="",  # "" = embedded synthetic data

@@ -30,7 +30,7 @@ SMOLLM2 = km.ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, 
                          tie_embeddings=True, dtype="bfloat16", remat=True)
 SHARED_QWEN3 = km.ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4,
                               n_kv_heads=4, head_dim=64, ffn_dim=1024, qk_norm=True,
-                              family="qwen3")
+                              family="qwen3", scan_unroll=4)
 OPTIMIZER = {"warmup_steps": 1, "total_steps": 100}
 
 

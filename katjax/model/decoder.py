@@ -1,7 +1,7 @@
 """Flax (linen) decoder for the Llama, Qwen2 and Qwen3 families.
 
 Layers are stacked with `nn.scan` (params carry a leading "layers" axis), so compile time
-does not grow with depth. Every parameter is declared with logical axis names; the mesh
+does not grow with depth (`cfg.scan_unroll` unrolls it for small models on CPU). Every parameter is declared with logical axis names; the mesh
 rules in `katjax.parallel` map them to devices. Attention follows the interval mask of
 `katjax.model.attention`. `decode` runs the same blocks with a KV cache for the sampler: the
 layers unrolled over per-layer params and per-layer caches (see its docstring for why).
@@ -48,12 +48,16 @@ class Attention(nn.Module):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     hd = cfg.dim_per_head
 
+    b, t = x.shape[:2]
+    rows = _rows(x)
+
     def proj(name, heads, axes):
-      return nn.DenseGeneral((heads, hd), use_bias=cfg.qkv_bias, dtype=dt,
-                             param_dtype=jnp.float32, kernel_init=_param_init(axes),
-                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                    axes[1:]),
-                             name=name)(x)
+      y = nn.DenseGeneral((heads, hd), use_bias=cfg.qkv_bias, dtype=dt,
+                          param_dtype=jnp.float32, kernel_init=_param_init(axes),
+                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                 axes[1:]),
+                          name=name)(rows)
+      return y.reshape(b, t, heads, hd)
 
     q = proj("q", cfg.n_heads, ("embed", "heads", "head_dim"))
     k = proj("k", cfg.n_kv_heads, ("embed", "kv_heads", "head_dim"))
@@ -76,8 +80,8 @@ class Attention(nn.Module):
     out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt,
                           param_dtype=jnp.float32,
                           kernel_init=_param_init(("heads", "head_dim", "embed")),
-                          name="o")(out)
-    return out, cache
+                          name="o")(_rows(out))
+    return out.reshape(b, t, cfg.d_model), cache
 
 
 class Mlp(nn.Module):
@@ -91,9 +95,10 @@ class Mlp(nn.Module):
       return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=jnp.float32,
                       kernel_init=_param_init(axes), name=name)
 
-    h = nn.silu(dense("gate", cfg.ffn_dim, ("embed", "mlp"))(x))
-    h = h * dense("up", cfg.ffn_dim, ("embed", "mlp"))(x)
-    return dense("down", cfg.d_model, ("mlp", "embed"))(h)
+    rows = _rows(x)
+    h = nn.silu(dense("gate", cfg.ffn_dim, ("embed", "mlp"))(rows))
+    h = h * dense("up", cfg.ffn_dim, ("embed", "mlp"))(rows)
+    return dense("down", cfg.d_model, ("mlp", "embed"))(h).reshape(x.shape)
 
 
 class Block(nn.Module):
@@ -126,11 +131,12 @@ class Decoder(nn.Module):
       block = nn.remat(Block, prevent_cse=False)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                     length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                     length=cfg.n_layers, unroll=min(cfg.scan_unroll, cfg.n_layers),
+                     metadata_params={nn.PARTITION_NAME: "layers"})
     (x, _), _ = layers(cfg, name="layers")((x, None), positions, subtree_end, None)
-    x = _final_norm(cfg)(x)
+    x = _rows(_final_norm(cfg)(x))
     logits = embed.attend(x) if cfg.tie_embeddings else _lm_head(cfg)(x)
-    return logits.astype(jnp.float32)
+    return logits.astype(jnp.float32).reshape(tokens.shape + (-1,))
 
 
 def decode(cfg: ModelConfig, params, layer_params, tokens, positions, cache, cache_index,
@@ -156,6 +162,16 @@ def decode(cfg: ModelConfig, params, layer_params, tokens, positions, cache, cac
   else:
     logits = _lm_head(cfg).apply({"params": params["lm_head"]}, x)
   return logits.astype(jnp.float32), tuple(new_cache)
+
+
+def _rows(x):
+  """[B, T, ...] -> [B*T, ...] before a projection.
+
+  With one token axis the weight gradient contracts a single axis, which XLA's CPU dot takes
+  as it is; contracting (B, T) makes it copy the output gradient transposed first (for the
+  MLP a strided, cache-missing copy that cost as much as the matmuls themselves).
+  """
+  return x.reshape((-1,) + x.shape[2:])
 
 
 def _embed(cfg):

@@ -17,7 +17,8 @@ from katjax import model as kmodel
 from katjax.model import hf
 
 # ModelConfig fields a checkpoint does not fix: how this run computes, not what it computes.
-RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "attention_block", "dense_max_len")
+RUNTIME_FIELDS = ("dtype", "remat", "scan_unroll", "attention_impl", "attention_block",
+                  "dense_max_len")
 
 
 def init_from_path(config) -> str:

@@ -42,6 +42,22 @@ def test_blockwise_model_matches_dense(params):
   np.testing.assert_allclose(np.asarray(block), np.asarray(dense), atol=1e-5)
 
 
+def test_unrolled_layer_scan_matches_rolled(params):
+  """scan_unroll changes how the layer loop runs, not what it computes: logits and the
+  gradient of every (stacked) parameter agree with the one-layer-per-iteration scan."""
+  tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 16))
+
+  def loss(cfg, p):
+    return jnp.sum(model.apply(cfg, p, tokens) ** 2)
+
+  rolled = jax.value_and_grad(lambda p: loss(CFG, p))(params)
+  unrolled = jax.value_and_grad(lambda p: loss(CFG.replace(scan_unroll=CFG.n_layers), p))(
+      params)
+  np.testing.assert_allclose(unrolled[0], rolled[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(unrolled[1]), jax.tree.leaves(rolled[1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_rope_half_matches_numpy():
   cfg = CFG.replace(rope_theta=1e6)
   x = np.random.default_rng(2).standard_normal((1, 6, 2, 8)).astype(np.float32)
@@ -131,6 +147,11 @@ def test_tiny_model_overfits_a_fixed_batch():
 def test_config_heads_not_divisible_by_kv_heads():
   with pytest.raises(ValueError, match="n_kv_heads"):
     model.ModelConfig(n_heads=6, n_kv_heads=4, head_dim=16)
+
+
+def test_config_scan_unroll_must_be_positive():
+  with pytest.raises(ValueError, match="scan_unroll"):
+    model.ModelConfig(scan_unroll=0)
 
 
 @pytest.mark.parametrize("kwargs, field", [
