@@ -54,6 +54,18 @@ def forward(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):
   return Decoder(cfg).apply({"params": params}, tokens, positions, subtree_end)
 
 
+def hidden_states(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):
+  """`forward` without the output projection: (final hidden states float[B, T, d] in the
+  compute dtype, output projection float[d, V]); logits = hidden @ projection."""
+  b, t = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if subtree_end is None:
+    subtree_end = jnp.full((b, t), t, jnp.int32)
+  hidden = Decoder(cfg, head=False).apply({"params": params}, tokens, positions, subtree_end)
+  return hidden, decoder.head_weights(cfg, params)
+
+
 def apply(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):
   """Checked forward. tokens int[B,T]; positions int[B,T]; subtree_end int[B,T] -> logits.
 

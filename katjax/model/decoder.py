@@ -117,9 +117,14 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-  """tokens int[B, T] -> logits float32[B, T, V] (training and uncached forward)."""
+  """tokens int[B, T] -> logits float32[B, T, V] (training and uncached forward).
+
+  With `head=False`: the final (normed) hidden states [B, T, d] in the compute dtype instead,
+  for losses that apply the output projection themselves (`head_weights`).
+  """
 
   cfg: ModelConfig
+  head: bool = True
 
   @nn.compact
   def __call__(self, tokens, positions, subtree_end):
@@ -134,7 +139,10 @@ class Decoder(nn.Module):
                      length=cfg.n_layers, unroll=min(cfg.scan_unroll, cfg.n_layers),
                      metadata_params={nn.PARTITION_NAME: "layers"})
     (x, _), _ = layers(cfg, name="layers")((x, None), positions, subtree_end, None)
-    x = _rows(_final_norm(cfg)(x))
+    x = _final_norm(cfg)(x)
+    if not self.head:
+      return x
+    x = _rows(x)
     logits = embed.attend(x) if cfg.tie_embeddings else _lm_head(cfg)(x)
     return logits.astype(jnp.float32).reshape(tokens.shape + (-1,))
 
@@ -162,6 +170,13 @@ def decode(cfg: ModelConfig, params, layer_params, tokens, positions, cache, cac
   else:
     logits = _lm_head(cfg).apply({"params": params["lm_head"]}, x)
   return logits.astype(jnp.float32), tuple(new_cache)
+
+
+def head_weights(cfg: ModelConfig, params):
+  """The output projection float[d, V] in the compute dtype, as the Decoder applies it."""
+  if cfg.tie_embeddings:
+    return params["embed"]["embedding"].T.astype(cfg.compute_dtype)
+  return params["lm_head"]["kernel"].astype(cfg.compute_dtype)
 
 
 def _rows(x):

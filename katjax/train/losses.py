@@ -7,29 +7,23 @@ SFT), so nothing predicts across a document boundary.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from katjax.model import forward
+from katjax.core.linear_cross_entropy import linear_cross_entropy
+from katjax.model.api import hidden_states
 
 
 def lm_loss(cfg, params, batch, rng=None):
   """batch: int32[B, T] tokens/positions/subtree_end/targets/weights -> (sum, count, aux).
 
   loss_sum = -sum_i weights[i] * log p(targets[i] | tokens[<=i] of its segment); the
-  denominator is the number of weighted tokens. Logits are float32.
+  denominator is the number of weighted tokens. The softmax is float32; the [B, T, V] logits
+  are never materialised (`katjax.core.linear_cross_entropy`).
   """
   del rng
-  logits = forward(cfg, params, batch["tokens"], batch["positions"], batch["subtree_end"])
-  logp = token_logprobs(logits, batch["targets"])
+  hidden, head = hidden_states(cfg, params, batch["tokens"], batch["positions"],
+                               batch["subtree_end"])
   w = batch["weights"].astype(jnp.float32)
-  count = jnp.sum(w)
-  return -jnp.sum(w * logp), count, {"tokens": jnp.sum(batch["segment_ids"] > 0)}
+  loss_sum = linear_cross_entropy(hidden, head, batch["targets"], w)
+  return loss_sum, jnp.sum(w), {"tokens": jnp.sum(batch["segment_ids"] > 0)}
 
-
-def token_logprobs(logits, targets):
-  """logits float[B, T, V], targets int[B, T] -> float32[B, T] log-softmax at the target."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return picked - lse
