@@ -17,17 +17,21 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Logits elements of one chunk (float32: 16 MB), about what stays in a CPU's cache.
+# Default logits elements per chunk: 16 MB of float32, about what stays in a CPU's caches.
+# On accelerators pass far more (katjax.train.losses does): each scan step should stay a big
+# matmul, since a long scan of small steps serialises the device.
 CHUNK_ELEMENTS = 1 << 22
 
 
-def linear_cross_entropy(h, w, targets, weights, *, chunk: int | None = None):
+def linear_cross_entropy(h, w, targets, weights, *, chunk: int | None = None,
+                         chunk_elements: int = CHUNK_ELEMENTS):
   """Scalar float32 loss sum.
 
   h float[B, T, d] (final hidden states, compute dtype); w float[d, V] (output projection
   in the same dtype); targets int[B, T]; weights float[B, T] (0 = no loss; not
-  differentiated). chunk: positions per scan step (default: B * chunk * V about
-  CHUNK_ELEMENTS). Gradients flow to h and w in their own dtypes; the softmax is float32.
+  differentiated). chunk: positions per scan step; default the largest power of two with
+  B * chunk * V <= chunk_elements. Gradients flow to h and w in their own dtypes; the
+  softmax is float32.
   """
   b, t, d = h.shape
   if w.ndim != 2 or w.shape[0] != d:
@@ -35,8 +39,9 @@ def linear_cross_entropy(h, w, targets, weights, *, chunk: int | None = None):
   if targets.shape != (b, t) or weights.shape != (b, t):
     raise ValueError(f"linear_cross_entropy: targets {targets.shape} and weights "
                      f"{weights.shape} must both be {(b, t)}")
-  if chunk is None:
-    chunk = max(1, min(t, CHUNK_ELEMENTS // max(1, b * w.shape[1])))
+  if chunk is None:  # a power of two, so the usual power-of-two lengths need no padding
+    fit = max(1, chunk_elements // max(1, b * w.shape[1]))
+    chunk = min(t, 1 << (fit.bit_length() - 1))
   return _loss(h, w, targets, weights.astype(jnp.float32), chunk)
 
 

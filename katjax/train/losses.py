@@ -7,10 +7,17 @@ SFT), so nothing predicts across a document boundary.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-from katjax.core.linear_cross_entropy import linear_cross_entropy
+from katjax.core.linear_cross_entropy import CHUNK_ELEMENTS, linear_cross_entropy
 from katjax.model.api import hidden_states
+
+
+def _chunk_elements() -> int:
+  """Logits per loss chunk: cache-sized on CPU; 1 GB of float32 on GPU/TPU (big matmuls per
+  step, and a bounded footprint at Qwen's 151k vocabulary)."""
+  return CHUNK_ELEMENTS if jax.default_backend() == "cpu" else 1 << 28
 
 
 def lm_loss(cfg, params, batch, rng=None):
@@ -24,6 +31,7 @@ def lm_loss(cfg, params, batch, rng=None):
   hidden, head = hidden_states(cfg, params, batch["tokens"], batch["positions"],
                                batch["subtree_end"])
   w = batch["weights"].astype(jnp.float32)
-  loss_sum = linear_cross_entropy(hidden, head, batch["targets"], w)
+  loss_sum = linear_cross_entropy(hidden, head, batch["targets"], w,
+                                  chunk_elements=_chunk_elements())
   return loss_sum, jnp.sum(w), {"tokens": jnp.sum(batch["segment_ids"] > 0)}
 

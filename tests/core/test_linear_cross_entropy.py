@@ -25,19 +25,21 @@ def inputs(b=2, t=37, d=16, v=50, seed=0):
   return h, w, targets, weights.astype(np.float32)
 
 
-@pytest.mark.parametrize("chunk", [1, 8, 37, 64, None])  # 37 % 8 != 0: a padded last chunk
-def test_value_and_gradients_equal_plain_logits(chunk):
+# t = 37: chunks of 8 leave a padded last chunk; chunk_elements=500 with B=2, V=50 -> 4.
+@pytest.mark.parametrize("kwargs", [dict(chunk=1), dict(chunk=8), dict(chunk=37),
+                                    dict(chunk=64), dict(chunk_elements=500), {}])
+def test_value_and_gradients_equal_plain_logits(kwargs):
   h, w, targets, weights = inputs()
   ref, ref_grads = jax.value_and_grad(plain_loss, argnums=(0, 1))(h, w, targets, weights)
   fn = jax.jit(jax.value_and_grad(
-      lambda h, w: 3.0 * linear_cross_entropy(h, w, targets, weights, chunk=chunk),
+      lambda h, w: 3.0 * linear_cross_entropy(h, w, targets, weights, **kwargs),
       argnums=(0, 1)))
   val, grads = fn(h, w)
   np.testing.assert_allclose(val, 3.0 * ref, rtol=1e-5)
   for g, r in zip(grads, ref_grads):  # the cotangent (3.0) scales the stored gradients
     np.testing.assert_allclose(g, 3.0 * np.asarray(r), rtol=1e-4, atol=1e-5)
   # The primal alone (no gradient: eval) gives the same value.
-  np.testing.assert_allclose(linear_cross_entropy(h, w, targets, weights, chunk=chunk), ref,
+  np.testing.assert_allclose(linear_cross_entropy(h, w, targets, weights, **kwargs), ref,
                              rtol=1e-5)
 
 
