@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from katjax.core.linear_cross_entropy import linear_cross_entropy
+from katjax.core.linear_cross_entropy import default_chunk, linear_cross_entropy
 
 
 def plain_loss(h, w, targets, weights):
@@ -25,9 +25,9 @@ def inputs(b=2, t=37, d=16, v=50, seed=0):
   return h, w, targets, weights.astype(np.float32)
 
 
-# t = 37: chunks of 8 leave a padded last chunk; chunk_elements=500 with B=2, V=50 -> 4.
+# t = 37: chunks of 8 leave a padded last chunk; {} is the default rule (one chunk here).
 @pytest.mark.parametrize("kwargs", [dict(chunk=1), dict(chunk=8), dict(chunk=37),
-                                    dict(chunk=64), dict(chunk_elements=500), {}])
+                                    dict(chunk=64), {}])
 def test_value_and_gradients_equal_plain_logits(kwargs):
   h, w, targets, weights = inputs()
   ref, ref_grads = jax.value_and_grad(plain_loss, argnums=(0, 1))(h, w, targets, weights)
@@ -79,6 +79,15 @@ def test_gradient_memory_does_not_hold_the_logits():
   plain = temp_bytes(plain_loss)
   assert plain > logits_bytes
   assert chunked < logits_bytes / 4, (chunked, logits_bytes)
+
+
+def test_default_chunk_rule():
+  """Cache-sized logits chunks, but at least 512 tokens; powers of two; at most T."""
+  assert default_chunk(8, 512, 8192) == 64  # 2^22 / 8192 = 512 tokens = 8 rows x 64
+  assert default_chunk(1, 512, 49152) == 512  # 85 tokens by the budget: 512 by the floor
+  assert default_chunk(4, 512, 272) == 512  # capped at T
+  assert default_chunk(3, 4096, 8192) == 128  # 512 / 3 = 170 -> 128
+  assert default_chunk(8, 8192, 151936, 1 << 28) == 128  # 1766 tokens / 8 = 220 -> 128
 
 
 def test_bad_shapes_name_the_argument():
