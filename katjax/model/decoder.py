@@ -1,10 +1,11 @@
 """Flax (linen) decoder for the Llama, Qwen2 and Qwen3 families.
 
 Layers are stacked with `nn.scan` (params carry a leading "layers" axis), so compile time
-does not grow with depth (`cfg.scan_unroll` unrolls it for small models on CPU). Every parameter is declared with logical axis names; the mesh
-rules in `katjax.parallel` map them to devices. Attention follows the interval mask of
-`katjax.model.attention`. `decode` runs the same blocks with a KV cache for the sampler: the
-layers unrolled over per-layer params and per-layer caches (see its docstring for why).
+does not grow with depth (`cfg.scan_unroll` unrolls it for small models on CPU). Every
+parameter is declared with logical axis names; the mesh rules in `katjax.parallel` map them
+to devices. Attention follows the interval mask of `katjax.model.attention`. `decode` runs
+the same blocks with a KV cache for the sampler: the layers unrolled over per-layer params
+and per-layer caches (see its docstring for why).
 """
 
 from __future__ import annotations
