@@ -74,21 +74,25 @@ def test_blockwise_matches_numpy_reference(tree_inputs, block):
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [7, 16, 64])
+@pytest.mark.parametrize("chunk", [16, 64])
 def test_prefix_dense_matches_numpy_reference_and_dense_gradient(tree_inputs, chunk):
   """Query chunks against their key prefixes: same output as the reference on random trees
   (40 % 16 != 0: a short last chunk; 64 > 40: one chunk), same gradient as one dense block."""
   q, k, v, se = tree_inputs
-  out = attn.prefix_dense_attention(q, k, v, se, chunk=chunk)
-  np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, se), atol=1e-5,
-                             rtol=1e-5)
   cot = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
   qi = np.broadcast_to(np.arange(q.shape[1]), q.shape[:2])
-  g_dense = jax.grad(lambda *a: jnp.sum(attn.dense_attention(*a, se, qi) * cot),
-                     argnums=(0, 1, 2))(q, k, v)
-  g_chunk = jax.grad(lambda *a: jnp.sum(attn.prefix_dense_attention(*a, se, chunk=chunk) *
-                                        cot), argnums=(0, 1, 2))(q, k, v)
-  for a, b in zip(g_dense, g_chunk):
+
+  def chunked(q, k, v):
+    return attn.prefix_dense_attention(q, k, v, se, chunk=chunk)
+
+  def grads(f):
+    return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2)))(q, k, v)
+
+  out = jax.jit(chunked)(q, k, v)
+  np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, se), atol=1e-5,
+                             rtol=1e-5)
+  g_dense = grads(lambda q, k, v: attn.dense_attention(q, k, v, se, qi))
+  for a, b in zip(g_dense, grads(chunked)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
 
 

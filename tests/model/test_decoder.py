@@ -50,9 +50,9 @@ def test_unrolled_layer_scan_matches_rolled(params):
   def loss(cfg, p):
     return jnp.sum(model.apply(cfg, p, tokens) ** 2)
 
-  rolled = jax.value_and_grad(lambda p: loss(CFG, p))(params)
-  unrolled = jax.value_and_grad(lambda p: loss(CFG.replace(scan_unroll=CFG.n_layers), p))(
-      params)
+  rolled = jax.jit(jax.value_and_grad(lambda p: loss(CFG, p)))(params)
+  unrolled = jax.jit(jax.value_and_grad(
+      lambda p: loss(CFG.replace(scan_unroll=CFG.n_layers), p)))(params)
   np.testing.assert_allclose(unrolled[0], rolled[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(unrolled[1]), jax.tree.leaves(rolled[1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
