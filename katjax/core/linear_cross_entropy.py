@@ -44,6 +44,8 @@ def linear_cross_entropy(h, w, targets, weights, *, chunk: int | None = None,
                      f"{weights.shape} must both be {(b, t)}")
   if chunk is None:
     chunk = default_chunk(b, t, w.shape[1], chunk_elements)
+  if not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f"linear_cross_entropy: chunk must be a positive int, got {chunk!r}")
   return _loss(h, w, targets, weights.astype(jnp.float32), chunk)
 
 

@@ -96,3 +96,5 @@ def test_bad_shapes_name_the_argument():
     linear_cross_entropy(h, w.T, targets, weights)
   with pytest.raises(ValueError, match="targets"):
     linear_cross_entropy(h, w, targets[:, 1:], weights)
+  with pytest.raises(ValueError, match="chunk"):
+    linear_cross_entropy(h, w, targets, weights, chunk=0)
