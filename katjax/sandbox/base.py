@@ -11,11 +11,26 @@ from __future__ import annotations
 
 import abc
 import collections
+import itertools
+import os
 import posixpath
 
 __all__ = ["Sandbox", "SandboxError", "OutputCap", "check_relpath", "DEFAULT_OUTPUT_LIMIT"]
 
 DEFAULT_OUTPUT_LIMIT = 32 * 1024  # bytes kept per command (head + tail)
+
+_uid_counter = itertools.count()
+
+
+def sandbox_uid(base: int, span: int) -> int:
+  """A command uid in [base, base + span) of its own for one sandbox.
+
+  RLIMIT_NPROC counts every process of a uid host-wide, across containers and host
+  processes (pytest-xdist workers, parallel rollout workers), so sandboxes sharing a uid
+  would let a fork bomb in one starve the others. Unique per host pid and, within a
+  process, per sandbox (100 in turn). Uids above the system range need no account.
+  """
+  return base + (os.getpid() % (span // 100)) * 100 + next(_uid_counter) % 100
 
 
 class SandboxError(RuntimeError):

@@ -2,13 +2,13 @@
 
 The container has no network, a read-only root, a private volume at /work (the only
 persistent writable place; /tmp is a small tmpfs), memory / CPU / PID limits, all
-capabilities dropped, no-new-privileges, an init process, and runs commands as its own
-unprivileged uid: RLIMIT_NPROC counts every process of a uid on the host, across containers,
-so sandboxes sharing one uid would let a fork bomb in one starve the others of processes.
-The keep-alive process runs as root, which alone holds two capabilities (CHOWN to hand /work
-to the command uid, KILL for cleanup); a `kill -9 -1` issued as the command user cannot stop
-it, and no-new-privileges keeps the command uid from ever gaining them. Each command runs under `timeout -s KILL` inside
-the container, with a host-side deadline as a second line of defence.
+capabilities dropped, no-new-privileges, an init process, and runs commands as an
+unprivileged uid of its own (`base.sandbox_uid`: a fork bomb in one sandbox cannot starve
+another). The keep-alive process runs as root, which alone holds two capabilities (CHOWN to
+hand /work to the command uid, KILL for cleanup); a `kill -9 -1` issued as the command user
+cannot stop it, and no-new-privileges keeps the command uid from ever gaining them. Each
+command runs under `timeout -s KILL` inside the container, with a host-side deadline as a
+second line of defence.
 
 Every container and volume is labelled with the owning host and pid: `sweep()` removes the
 ones whose owner process is gone (run at first use and at interpreter exit), so crashed
@@ -20,7 +20,6 @@ from __future__ import annotations
 import atexit
 import base64
 import io
-import itertools
 import logging
 import os
 import shlex
@@ -31,7 +30,7 @@ import time
 import uuid
 
 from katjax.sandbox.base import (DEFAULT_OUTPUT_LIMIT, OutputCap, Sandbox, SandboxError,
-                                 check_relpath)
+                                 check_relpath, sandbox_uid)
 
 __all__ = ["DockerSandbox", "docker_available", "sweep", "DEFAULT_IMAGE", "LABEL"]
 
@@ -39,14 +38,8 @@ DEFAULT_IMAGE = os.environ.get("KATJAX_SANDBOX_IMAGE", "katjax-sandbox:latest")
 LABEL = "org.katjax.sandbox"
 KEEPER_USER = "0:0"  # exec as root gets the capabilities only when the keeper is root
 WORKDIR = "/work"
-# Command uids: one per sandbox, unique per host process (pid) and sandbox (counter), above
-# the system range and apart from the local sandboxes' 200000+ range; they need no account.
-SANDBOX_UID_BASE = 300_000
-_uid_counter = itertools.count()
-
-
-def _sandbox_uid() -> int:
-  return SANDBOX_UID_BASE + (os.getpid() % 10_000) * 100 + next(_uid_counter) % 100
+# Command uids of Docker sandboxes (`sandbox_uid`), apart from the local sandboxes' range.
+UID_BASE, UID_SPAN = 300_000, 1_000_000
 
 
 def _kill_all_script(uid: int) -> str:
@@ -71,7 +64,7 @@ class DockerSandbox(Sandbox):
     self.nproc = max(pids_limit - 16, 8)
     self._inflight, self._inflight_lock = 0, threading.Lock()
     self.workdir = WORKDIR
-    self.uid = _sandbox_uid()
+    self.uid = sandbox_uid(UID_BASE, UID_SPAN)
     self.user = f"{self.uid}:{self.uid}"
     self._closed = True
     _sweep_once(self.client)

@@ -12,7 +12,6 @@ contained otherwise). On timeout the whole process group is SIGKILLed.
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import resource
 import shutil
@@ -21,20 +20,13 @@ import subprocess
 import tempfile
 import threading
 
-from katjax.sandbox.base import DEFAULT_OUTPUT_LIMIT, OutputCap, Sandbox, check_relpath
+from katjax.sandbox.base import (DEFAULT_OUTPUT_LIMIT, OutputCap, Sandbox, check_relpath,
+                                 sandbox_uid)
 
 __all__ = ["LocalSandbox", "bwrap_available"]
 
-# RLIMIT_NPROC counts every process of a uid, so every sandbox gets its own unprivileged uid
-# (unique per host process and sandbox): a fork bomb in one cannot starve the others, in
-# this process or another (pytest-xdist workers, parallel rollout workers). Unmapped uids
-# above the system range need no account; the Docker sandboxes use 300000 and above.
-SANDBOX_UID_BASE = 200_000
-_uid_counter = itertools.count()
-
-
-def _sandbox_uid() -> int:
-  return SANDBOX_UID_BASE + (os.getpid() % 1_000) * 100 + next(_uid_counter) % 100
+# Command uids of local sandboxes (`sandbox_uid`); the Docker sandboxes use 300000 and above.
+UID_BASE, UID_SPAN = 200_000, 100_000
 
 
 # The system's tools, not the caller's (a venv or pyenv under /root is unreadable to the
@@ -51,7 +43,9 @@ class LocalSandbox(Sandbox):
                path: str = SYSTEM_PATH):
     self.memory_mb, self.max_procs, self.max_file_mb = memory_mb, max_procs, max_file_mb
     self.cpu_seconds, self.output_limit, self.path = cpu_seconds, output_limit, path
-    self.uid = uid if uid is not None else (_sandbox_uid() if os.geteuid() == 0 else None)
+    if uid is None and os.geteuid() == 0:
+      uid = sandbox_uid(UID_BASE, UID_SPAN)
+    self.uid = uid
     self.use_bwrap = bwrap_available(self.uid) if use_bwrap is None else use_bwrap
     if self.use_bwrap and not bwrap_available(self.uid):
       raise ValueError("use_bwrap=True but bubblewrap is not installed or cannot run here")
