@@ -46,24 +46,26 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 def forward(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):
   """Unchecked forward for use under jit. tokens int[B,T] -> logits float32[B,T,V]."""
-  b, t = tokens.shape
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  if subtree_end is None:
-    subtree_end = jnp.full((b, t), t, jnp.int32)
-  return Decoder(cfg).apply({"params": params}, tokens, positions, subtree_end)
+  return Decoder(cfg).apply({"params": params}, tokens,
+                            *_default_rows(tokens, positions, subtree_end))
 
 
 def hidden_states(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):
   """`forward` without the output projection: (final hidden states float[B, T, d] in the
   compute dtype, output projection float[d, V]); logits = hidden @ projection."""
+  hidden = Decoder(cfg, head=False).apply({"params": params}, tokens,
+                                          *_default_rows(tokens, positions, subtree_end))
+  return hidden, decoder.head_weights(cfg, params)
+
+
+def _default_rows(tokens, positions, subtree_end):
+  """(positions, subtree_end), defaulting to plain causal rows: 0..T-1 and T."""
   b, t = tokens.shape
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   if subtree_end is None:
     subtree_end = jnp.full((b, t), t, jnp.int32)
-  hidden = Decoder(cfg, head=False).apply({"params": params}, tokens, positions, subtree_end)
-  return hidden, decoder.head_weights(cfg, params)
+  return positions, subtree_end
 
 
 def apply(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):

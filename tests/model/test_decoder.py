@@ -58,6 +58,18 @@ def test_unrolled_layer_scan_matches_rolled(params):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_hidden_states_times_head_weights_are_the_logits(tie):
+  """The pieces the chunked loss uses (hidden states, output projection) give exactly the
+  Decoder's own logits, with tied and untied embeddings."""
+  cfg = CFG.replace(tie_embeddings=tie)
+  p = model.init(cfg, jax.random.PRNGKey(5))
+  tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 12))
+  hidden, head = model.hidden_states(cfg, p, jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(hidden @ head), np.asarray(model.apply(cfg, p, tokens)),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_rope_half_matches_numpy():
   cfg = CFG.replace(rope_theta=1e6)
   x = np.random.default_rng(2).standard_normal((1, 6, 2, 8)).astype(np.float32)
