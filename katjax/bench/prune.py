@@ -6,7 +6,7 @@
   select_cpu_ms    the same runs in process CPU time (the machine may be shared: load_avg)
   retained         {"entropy", "truncation", "random"} -> {"0.25", "0.5", "0.75"}: retained
                    signal sum_kept H (|P| + |N|) / sum_all (DESIGN.md section 3) over the
-                   realistic groups of `katjax.bench.tree`, each tree pruned to that fraction
+                   realistic groups of `katjax.testing.trees`, each tree pruned to that fraction
                    of its tokens
   retained_upper_bound  same keys: an upper bound for ANY ancestor-closed selection within
                    the budget (exact tree knapsack with costs rounded down to 25 tokens)
@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
-from katjax.bench.tree import realistic_groups
 from katjax.core import prune, prune_jit
 from katjax.core.tree import build_tree
+from katjax.testing.trees import random_tree, realistic_groups
 
 SIZES = (1000, 10000, 100000)
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -43,25 +43,6 @@ def main(num_groups: int = 8, repeats: int = 10, seed: int = 0) -> dict:
           "tree_tokens": int(sum(t.num_tokens for t in trees)),
           "pieces": int(sum(s.parent.size for s in stats)),
           "load_avg": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
-
-
-def random_tree(n: int, seed: int = 0) -> prune.Nodes:
-  """A random pre-order tree of n nodes shaped like split agentic trees: long chains (turns)
-  with forks at random depths; costs 20-500 tokens, every other node without entropy."""
-  rng = np.random.default_rng(seed)
-  parent = np.empty(n, np.int64)
-  parent[0] = -1
-  stack = [0]
-  u = rng.random(n)
-  for i in range(1, n):
-    if u[i] < 0.15:  # fork: continue from a random node on the current path
-      del stack[int(u[i] / 0.15 * len(stack)) + 1:]
-    parent[i] = stack[-1]
-    stack.append(i)
-  ent = np.where(rng.random(n) < 0.5, 0.0, rng.exponential(50.0, n))
-  nodes, _ = prune.make_nodes(parent, rng.integers(20, 500, n), ent,
-                              rng.integers(1, 9, n), rng.random(n) < 0.05)
-  return nodes
 
 
 def time_select(nodes: prune.Nodes, repeats: int):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from katjax.bench.tree import random_group
+from katjax.testing.trees import random_group
 from katjax.core.advantages import grpo_advantages, rloo_advantages
 from katjax.core.losses import PolicyLossConfig, summarize, token_logprobs, tree_policy_loss
 from katjax.core.tree import pack_trees

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from katjax.bench.tree import random_group, realistic_groups
+from katjax.testing.trees import random_group, realistic_groups
 from katjax.core import prune, prune_jit
 from katjax.core.tree import TOOL_CALL, TOOL_RESULT, Trajectory, build_tree
 
@@ -120,7 +120,7 @@ def test_budget_at_least_tree_size_keeps_everything(seed):
 def test_jit_equals_reference_large_and_deep():
   """Many doubling levels: a 2000-node chain and a 2000-node branching tree (one padded
   size, so two compiles)."""
-  from katjax.bench.prune import random_tree
+  from katjax.testing.trees import random_tree
   rng = np.random.default_rng(5)
   chain, _ = prune.make_nodes(np.arange(2000) - 1, rng.integers(1, 50, 2000),
                               rng.exponential(1.0, 2000), protected=rng.random(2000) < 0.01)

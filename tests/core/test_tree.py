@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from katjax.bench.tree import random_group, realistic_groups
+from katjax.testing.trees import random_group, realistic_groups
 from katjax.core.tree import (Trajectory, build_tree, pack_trees, unpack)
 
 SETTINGS = settings(max_examples=25, deadline=None)

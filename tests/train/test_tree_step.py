@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from katjax import model as kmodel
-from katjax.bench.tree import random_group
+from katjax.testing.trees import random_group
 from katjax.core.losses import PolicyLossConfig
 from katjax.core.tree import pack_trees
 from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params

@@ -1,0 +1,1 @@
+"""Fixtures (synthetic groups and trees) that tests and benchmarks share."""
