@@ -50,7 +50,8 @@ class Branch:
     self.loss_mask += [int(trained)] * n
     self.logprobs += _floats(logprobs, n)
     self.entropy += _floats(entropy, n)
-    self.version += [int(version)] * n
+    versions = np.broadcast_to(np.asarray(version, np.int64), (n,))
+    self.version += [int(v) for v in versions]
 
   def prefix(self, n: int) -> "Branch":
     return Branch(*(list(getattr(self, f.name)[:n]) for f in dataclasses.fields(self)))
@@ -95,6 +96,7 @@ class TrajectoryManager:
     self.sessions: dict[str, Session] = {}
     self.groups: dict[int, list[str]] = {}  # group id -> its sessions' ids
     self.ready: list[int] = []  # finished, untrained groups, in finishing order
+    self.next_group = 0
     self.accepted = 0  # trajectories admitted so far (running or done), AReaL's N_accepted
     self.running = 0
     self.stats = {"calls": 0, "prefix_mismatches": 0, "forks": 0, "unknown_sessions": 0,
@@ -123,7 +125,7 @@ class TrajectoryManager:
       dup = [s for s in session_ids if s in self.sessions]
       if dup:
         raise ValueError(f"start_group: session ids already in use: {dup}")
-      gid = max(self.groups, default=-1) + 1
+      gid = self._new_group_id()
       self.groups[gid] = session_ids
       for s in session_ids:
         self.sessions[s] = Session(task=task, group=gid)
@@ -141,8 +143,11 @@ class TrajectoryManager:
   # --- recording --------------------------------------------------------------------------
 
   def record(self, session: str, prompt, output, logprobs=None, entropy=None,
-             version: int | None = None) -> dict:
+             version=None) -> dict:
     """One engine call of `session`: the exact prompt ids in, output ids out.
+
+    version: the policy version of each output token (an int or one per token; weights may
+    change during a call), default the manager's current version.
 
     A session the manager has not seen (an agent that skipped admission, a restarted one)
     is recorded as a new single-session group and counted in `stats["unknown_sessions"]`.
@@ -152,13 +157,13 @@ class TrajectoryManager:
     output = [int(t) for t in output]
     if not prompt:
       raise ValueError(f"record({session!r}): empty prompt")
-    version = self.version if version is None else int(version)
     with self._lock:
+      version = self.version if version is None else version
       self.stats["calls"] += 1
       sess = self.sessions.get(session)
       if sess is None:
         self.stats["unknown_sessions"] += 1
-        gid = max(self.groups, default=-1) + 1
+        gid = self._new_group_id()
         self.groups[gid] = [session]
         sess = self.sessions[session] = Session(task="", group=gid)
         self.running += 1
@@ -179,7 +184,7 @@ class TrajectoryManager:
         index, new = len(sess.branches) - 1, True
         self.stats["forks"] += bool(sess.branches[:-1]) and not mismatch
       self.stats["prefix_mismatches"] += mismatch
-      branch.extend(prompt[len(branch.tokens):], trained=False, version=version)
+      branch.extend(prompt[len(branch.tokens):], trained=False, version=self.version)
       branch.extend(output, trained=True, logprobs=logprobs, entropy=entropy, version=version)
       return {"branch": index, "new_branch": new, "mismatch": mismatch}
 
@@ -253,6 +258,7 @@ class TrajectoryManager:
     """Plain, JSON-serialisable state: sessions (with branches), groups, counters."""
     with self._lock:
       return {"version": self.version, "accepted": self.accepted, "running": self.running,
+              "next_group": self.next_group,
               "ready": list(self.ready), "stats": dict(self.stats),
               "groups": {str(g): list(s) for g, s in self.groups.items()},
               "sessions": {k: {"task": s.task, "group": s.group, "reward": s.reward,
@@ -264,6 +270,7 @@ class TrajectoryManager:
     with self._lock:
       self.version, self.accepted = int(state["version"]), int(state["accepted"])
       self.running, self.ready = int(state["running"]), [int(g) for g in state["ready"]]
+      self.next_group = int(state["next_group"])
       self.stats = dict(state["stats"])
       self.groups = {int(g): list(s) for g, s in state["groups"].items()}
       self.sessions = {k: Session(task=v["task"], group=int(v["group"]), reward=v["reward"],
@@ -276,6 +283,10 @@ class TrajectoryManager:
     if self.eta is None:
       return True
     return self.accepted + n <= (self.eta + self.version + 1) * self.batch_trajectories
+
+  def _new_group_id(self) -> int:
+    self.next_group += 1  # never reused: a group id names one task attempt for good
+    return self.next_group - 1
 
   def _session(self, session: str) -> Session:
     sess = self.sessions.get(session)
@@ -292,8 +303,8 @@ class RecordingBackend:
   """Wraps a sampler-like backend (`generate(prompts, sampling, **kw)`) for one session.
 
   The in-process agent loop uses it in place of the sampler: every call is recorded with the
-  ids the engine consumed and produced, and the version the engine reports (its
-  `version` attribute, or the completion's per-token `version`), so the agent is unchanged.
+  ids the engine consumed and produced, and the policy version of each produced token (the
+  completion's per-token `version`, else the engine's `version`), so the agent is unchanged.
   """
 
   def __init__(self, backend, manager: TrajectoryManager, session: str):
@@ -303,9 +314,9 @@ class RecordingBackend:
     outs = self.backend.generate(prompts, *args, **kwargs)
     for prompt, comps in zip(prompts, outs):
       for comp in comps:
-        per_token = getattr(comp, "version", None)
-        version = (int(np.min(per_token)) if per_token is not None and len(per_token)
-                   else getattr(self.backend, "version", None))
+        version = getattr(comp, "version", None)
+        if version is None:
+          version = getattr(self.backend, "version", None)
         self.manager.record(self.session, prompt, comp.tokens, comp.logprobs,
                             getattr(comp, "entropy", getattr(comp, "entropies", None)),
                             version=version)
