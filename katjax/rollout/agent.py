@@ -24,19 +24,14 @@ import uuid
 
 import numpy as np
 
-from katjax.core import tree
+from katjax.core import fields, tree
+from katjax.core.fields import TOKEN_FIELDS, TOOL_CALL, TOOL_ERROR, TOOL_RESULT
 from katjax.envs.base import ToolCall
 from katjax.rollout.deviation import truncate_after
 from katjax.model.tokenizer import IM_END, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from katjax.rollout.sampler import SamplingParams
 
-__all__ = ["AgentLimits", "Rollout", "run_episode", "EVENT_TOOL_CALL", "EVENT_TOOL_RESULT",
-           "EVENT_TOOL_ERROR"]
-
-# Event flags per token (bit mask; the same bits as `katjax.core.tree` flags).
-EVENT_TOOL_CALL = tree.TOOL_CALL  # generated tokens of a <tool_call> block
-EVENT_TOOL_RESULT = tree.TOOL_RESULT  # template tokens carrying tool results to the model
-EVENT_TOOL_ERROR = 8  # a tool result (or call) that was an error
+__all__ = ["AgentLimits", "Rollout", "run_episode"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,21 +51,20 @@ class AgentLimits:
       raise ValueError(f"AgentLimits.max_seconds must be > 0, got {self.max_seconds!r}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
+@fields.token_attributes(optional=True)
 class Rollout:
-  """One trajectory. Arrays are [T] (T = all tokens); turn_* are [K] (K = model turns).
+  """One trajectory. Per-token arrays are [T] (T = all tokens); turn_* are [K] (K = turns).
 
-  tokens int32, loss_mask int32 (1 on generated tokens), logprobs / raw_logprobs / entropies
-  float32 (0 off generated tokens), events int32 (EVENT_* bits); the k-th model turn
-  generated tokens[turn_starts[k]:turn_ends[k]].
+  One array per declared token field (`core.fields`): tokens int32, loss_mask (1 on
+  generated tokens), logprobs / entropy float32 and version int32 (from the sampler on
+  generated tokens, 0 elsewhere), flags int32 (fields.TOOL_CALL | TOOL_RESULT | TOOL_ERROR
+  bits); plus raw_logprobs float32 (logprob under the raw model, before sampling filters).
+  The k-th model turn generated tokens[turn_starts[k]:turn_ends[k]]. Missing per-token
+  arrays are filled with the field's pad value.
   """
 
-  tokens: np.ndarray
-  loss_mask: np.ndarray
-  logprobs: np.ndarray
-  raw_logprobs: np.ndarray
-  entropies: np.ndarray
-  events: np.ndarray
+  raw_logprobs: np.ndarray | None = None
   turn_starts: np.ndarray
   turn_ends: np.ndarray
   messages: list
@@ -81,14 +75,21 @@ class Rollout:
   num_tool_errors: int = 0
   parallel_turns: int = 0  # turns with more than one tool call
 
+  def __post_init__(self):
+    tokens = np.asarray(self.tokens, np.int32).reshape(-1)
+    values = {f.name: getattr(self, f.name) for f in TOKEN_FIELDS}
+    for name, arr in fields.token_arrays("Rollout", values, tokens.size).items():
+      setattr(self, name, arr)
+    raw = np.zeros(tokens.size, np.float32) if self.raw_logprobs is None else self.raw_logprobs
+    self.raw_logprobs = np.asarray(raw, np.float32)
+
   @property
   def num_turns(self) -> int:
     return len(self.turn_starts)
 
   def to_tree(self, group_id: int = 0, policy_version: int = 0) -> tree.Trajectory:
     """The record as a `katjax.core.tree.Trajectory` (input of `build_tree`)."""
-    return tree.Trajectory(tokens=self.tokens, loss_mask=self.loss_mask,
-                           logprobs=self.logprobs, entropy=self.entropies, flags=self.events,
+    return tree.Trajectory(**{f.name: getattr(self, f.name) for f in TOKEN_FIELDS},
                            reward=self.reward, group_id=group_id,
                            policy_version=policy_version)
 
@@ -124,14 +125,12 @@ def run_episode(backend, tokenizer, env, task: dict, sampling: SamplingParams | 
                             cancelled=lambda _: time.monotonic() >= deadline)[0][0]
     gen = np.asarray(comp.tokens, np.int32)
     rec.turn_starts.append(len(rec.tokens))
-    rec.add(gen, mask=1, logprobs=comp.logprobs, raw=comp.raw_logprobs, ent=comp.entropies,
-            events=_call_events(gen, *call_ids))
+    rec.add(gen, loss_mask=1, flags=_call_flags(gen, *call_ids), **_sampled(comp))
     rec.turn_ends.append(len(rec.tokens))
     text = tokenizer.decode(gen)
     content, calls, errors = tokenizer.parse_tool_calls(text)
     if (calls or errors) and call_ids[0] is None:  # no single-token tag: flag the whole turn
-      rec.events[rec.turn_starts[-1]:] = [e | EVENT_TOOL_CALL for e in rec.events[
-          rec.turn_starts[-1]:]]
+      rec.chunks["flags"][-1] |= TOOL_CALL
     tool_calls = [ToolCall(id=f"call_{uuid.uuid4().hex[:12]}", name=c["name"],
                            arguments=c["arguments"]) for c in calls]
     messages.append(_assistant_message(content, tool_calls))
@@ -153,11 +152,10 @@ def run_episode(backend, tokenizer, env, task: dict, sampling: SamplingParams | 
     before = len(messages)
     messages += [{"role": "tool", "tool_call_id": cid, "content": obs} for cid, obs in results]
     delta = _template_delta(tokenizer, messages, before, tools)
-    flag = EVENT_TOOL_RESULT | (EVENT_TOOL_ERROR if any(o.startswith("Error")
-                                                        for _, o in results) else 0)
-    rec.add(tokenizer.encode(delta), events=flag)
+    flag = TOOL_RESULT | (TOOL_ERROR if any(o.startswith("Error") for _, o in results) else 0)
+    rec.add(tokenizer.encode(delta), flags=flag)
     if monitor is not None:
-      generated = np.asarray(rec.tokens, np.int32)[np.asarray(rec.mask, bool)]
+      generated = np.asarray(rec.tokens, np.int32)[rec.array("loss_mask").astype(bool)]
       if monitor(tool_calls, generated=generated, malformed=len(errors)).stop:
         finish = "deviation"
         break
@@ -176,29 +174,46 @@ def run_episode(backend, tokenizer, env, task: dict, sampling: SamplingParams | 
 
 
 class _Recorder:
+  """Per-token arrays of the record, appended span by span (one chunk per `add`)."""
+
+  NAMES = tuple(f.name for f in TOKEN_FIELDS) + ("raw_logprobs",)
+
   def __init__(self):
-    self.tokens, self.mask, self.logp, self.raw, self.ent, self.events = [], [], [], [], [], []
+    self.tokens = []  # ints: the exact prompt of the next turn
+    self.chunks = {n: [] for n in self.NAMES}
     self.turn_starts, self.turn_ends = [], []
 
-  def add(self, ids, mask=0, logprobs=None, raw=None, ent=None, events=0):
+  def add(self, ids, **values):
+    """Appends tokens `ids` with per-token values (arrays or scalars) by field name; a field
+    not given gets its pad value."""
     n = len(ids)
-    zeros = np.zeros(n, np.float32)
     self.tokens += [int(i) for i in ids]
-    self.mask += [mask] * n
-    self.logp += list(np.asarray(logprobs if logprobs is not None else zeros, np.float32))
-    self.raw += list(np.asarray(raw if raw is not None else zeros, np.float32))
-    self.ent += list(np.asarray(ent if ent is not None else zeros, np.float32))
-    self.events += list(np.broadcast_to(np.asarray(events, np.int32), (n,)))
+    for name in self.NAMES:
+      value = np.asarray(ids) if name == "tokens" else values.get(name)
+      dtype = np.float32 if name == "raw_logprobs" else fields.FIELD[name].dtype
+      pad = 0 if name == "raw_logprobs" else fields.FIELD[name].pad
+      arr = np.full(n, pad, dtype) if value is None else np.asarray(value, dtype)
+      self.chunks[name].append(np.array(np.broadcast_to(arr, (n,))))
+
+  def array(self, name):
+    return np.concatenate(self.chunks[name]) if self.chunks[name] else np.zeros(0)
 
   def finish(self, messages, reward, info, finish, n_calls, n_errors, parallel):
-    arr = lambda x, dt: np.asarray(x, dt).reshape(-1)
-    return Rollout(tokens=arr(self.tokens, np.int32), loss_mask=arr(self.mask, np.int32),
-                   logprobs=arr(self.logp, np.float32), raw_logprobs=arr(self.raw, np.float32),
-                   entropies=arr(self.ent, np.float32), events=arr(self.events, np.int32),
-                   turn_starts=arr(self.turn_starts, np.int32),
-                   turn_ends=arr(self.turn_ends, np.int32), messages=messages, reward=reward,
-                   info=info, finish_reason=finish, num_tool_calls=n_calls,
-                   num_tool_errors=n_errors, parallel_turns=parallel)
+    return Rollout(**{n: self.array(n) for n in self.NAMES},
+                   turn_starts=np.asarray(self.turn_starts, np.int32).reshape(-1),
+                   turn_ends=np.asarray(self.turn_ends, np.int32).reshape(-1),
+                   messages=messages, reward=reward, info=info, finish_reason=finish,
+                   num_tool_calls=n_calls, num_tool_errors=n_errors, parallel_turns=parallel)
+
+
+def _sampled(comp) -> dict:
+  """A completion's per-token outputs by field name. A backend that does not report a field
+  (an external server: no `version`) leaves it at the field's pad value."""
+  entropy = getattr(comp, "entropy", None)
+  if entropy is None:  # a Completion from before the sampler's rename to `entropy`
+    entropy = getattr(comp, "entropies", None)
+  return {"logprobs": comp.logprobs, "raw_logprobs": comp.raw_logprobs, "entropy": entropy,
+          "version": getattr(comp, "version", None)}
 
 
 def _assistant_message(content, tool_calls):
@@ -228,16 +243,16 @@ def _single_ids(tokenizer, text):
   return ids[0] if len(ids) == 1 else None
 
 
-def _call_events(gen, open_id, close_id):
-  """EVENT_TOOL_CALL on tokens from each `<tool_call>` through its `</tool_call>`."""
-  events = np.zeros(len(gen), np.int32)
+def _call_flags(gen, open_id, close_id):
+  """TOOL_CALL on tokens from each `<tool_call>` through its `</tool_call>`."""
+  flags = np.zeros(len(gen), np.int32)
   if open_id is None or close_id is None:
-    return events
+    return flags
   inside = False
   for i, t in enumerate(gen):
     inside = inside or t == open_id
     if inside:
-      events[i] = EVENT_TOOL_CALL
+      flags[i] = TOOL_CALL
     if t == close_id:
       inside = False
-  return events
+  return flags

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from katjax.testing.trees import random_group, realistic_groups
-from katjax.core.tree import (Trajectory, build_tree, pack_trees, unpack)
+from katjax.core.tree import Trajectory, build_tree
+from katjax.core.tree_pack import pack_trees, unpack
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

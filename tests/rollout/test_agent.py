@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
+from katjax.core.fields import TOOL_CALL, TOOL_ERROR, TOOL_RESULT
 from katjax.envs.base import Environment, tool_spec
 from katjax.model import ByteTokenizer
-from katjax.rollout.agent import (EVENT_TOOL_CALL, EVENT_TOOL_ERROR, EVENT_TOOL_RESULT,
-                                  AgentLimits, run_episode)
+from katjax.rollout.agent import AgentLimits, run_episode
 from katjax.rollout.sampler import Completion, SamplingParams
 
 TOK = ByteTokenizer()
@@ -91,12 +91,12 @@ def test_parallel_calls_run_concurrently_and_record_is_token_exact():
                              add_generation_prompt=True)
   assert TOK.decode(ro.tokens) == rendered
   # event flags: call tokens are the <tool_call> blocks, result tokens hold the results
-  call_text = TOK.decode(ro.tokens[(ro.events & EVENT_TOOL_CALL) > 0])
+  call_text = TOK.decode(ro.tokens[(ro.flags & TOOL_CALL) > 0])
   assert call_text.count("<tool_call>") == 3 and call_text.count("</tool_call>") == 3
   assert "thinking" not in call_text
-  result_text = TOK.decode(ro.tokens[(ro.events & EVENT_TOOL_RESULT) > 0])
+  result_text = TOK.decode(ro.tokens[(ro.flags & TOOL_RESULT) > 0])
   assert result_text.count("slept 0.5") == 2 and "ok" in result_text
-  assert not (ro.events & EVENT_TOOL_RESULT)[ro.loss_mask == 1].any()
+  assert not (ro.flags & TOOL_RESULT)[ro.loss_mask == 1].any()
 
 
 def test_malformed_calls_become_error_observations():
@@ -110,7 +110,7 @@ def test_malformed_calls_become_error_observations():
   tool_msgs = [m for m in ro.messages if m["role"] == "tool"]
   assert len(tool_msgs) == 3 and all(m["content"].startswith("Error") for m in tool_msgs)
   assert "unknown tool 'teleport'" in " ".join(m["content"] for m in tool_msgs)
-  assert (ro.events & EVENT_TOOL_ERROR).any()
+  assert (ro.flags & TOOL_ERROR).any()
 
 
 def test_limits_turns_tokens_time():
@@ -142,7 +142,7 @@ def test_rollouts_feed_the_prefix_tree():
   b = run_episode(Scripted([texts[0], "other end"]), TOK, SleepEnv(), {"q": "same"})
   ta, tb = a.to_tree(), b.to_tree()
   np.testing.assert_array_equal(ta.tokens, a.tokens)
-  np.testing.assert_array_equal(ta.flags, a.events)
+  np.testing.assert_array_equal(ta.flags, a.flags)
   tree = build_tree([ta, tb])
   # the two rollouts share everything before the last turn
   shared = int(np.argmax(a.tokens[:len(b.tokens)] != b.tokens[:len(a.tokens)]))
