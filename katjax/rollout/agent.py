@@ -11,6 +11,9 @@ Per turn: generate, parse `<tool_call>` blocks (several per turn), run them with
 `env.step` (concurrently, in the environment's thread pool), append the results, repeat
 until the model answers without a tool call, the environment is done (submit), or a limit
 (turns, tokens, wall time) is hit. Malformed calls become error observations and are counted.
+`run_episode` is katjax's one episode runner: a failing task, backend or environment is
+recorded on the Rollout (`error`), never raised, and the environment is always closed
+(scripted policies for tests and benchmarks drive it through `katjax.testing.scripted`).
 
 `backend` is anything with `generate(prompts, params, n=, seed=, cancelled=)` returning
 `Completion`s: the local `Sampler`, or `OpenAIClient` for an external server.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import traceback
 import uuid
 
 import numpy as np
@@ -70,7 +74,9 @@ class Rollout:
   messages: list
   reward: float = 0.0
   info: dict = dataclasses.field(default_factory=dict)
-  finish_reason: str = ""  # answer|submitted|max_turns|max_tokens|length|timeout|deviation
+  # answer|submitted|max_turns|max_tokens|length|timeout|deviation|error
+  finish_reason: str = ""
+  error: str | None = None  # "stage: Exception: message" when the episode failed
   num_tool_calls: int = 0
   num_tool_errors: int = 0
   parallel_turns: int = 0  # turns with more than one tool call
@@ -98,76 +104,108 @@ def run_episode(backend, tokenizer, env, task: dict, sampling: SamplingParams | 
                 limits: AgentLimits = AgentLimits(), seed: int = 0, monitor=None) -> Rollout:
   """Runs one task to the end and returns its token-level `Rollout` (reward included).
 
+  The one episode runner. It never raises for a bad task, a failing backend or a broken
+  environment: the Rollout's `error` names the stage (reset | generate | step | evaluate)
+  and the exception, finish_reason is "error", the reward 0.0 and info["traceback"] holds
+  the traceback; what was recorded before the failure is kept. The environment is closed
+  when the episode ends, whatever happened. A bad tool call is not an episode error: it
+  becomes an "Error: ..." observation (`Environment.step`) and is counted.
+
   monitor: an RFT `katjax.rollout.deviation.DeviationMonitor`, called after every turn that
   does not end the episode; when it says stop the episode ends ("deviation") and the tokens
   of the deviating turns are masked out of the loss (kept in the record).
   """
-  sampling = sampling or SamplingParams(max_new_tokens=limits.max_new_tokens)
-  deadline = time.monotonic() + limits.max_seconds
-  messages, tools = env.reset(task)
-  messages = list(messages)
-  rec = _Recorder()
-  ids, _ = tokenizer.encode_chat(messages, tools, add_generation_prompt=True)
-  rec.add(ids)
-  call_ids = _single_ids(tokenizer, TOOL_CALL_OPEN), _single_ids(tokenizer, TOOL_CALL_CLOSE)
-  finish, n_calls, n_errors, parallel = "max_turns", 0, 0, 0
-  for turn in range(limits.max_turns):
-    room = limits.max_tokens - len(rec.tokens)
-    if room <= 0:
-      finish = "max_tokens"
-      break
-    if time.monotonic() >= deadline:
-      finish = "timeout"
-      break
-    sp = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens,
-                                                          limits.max_new_tokens, room))
-    comp = backend.generate([np.asarray(rec.tokens, np.int32)], sp, seed=seed * 1000 + turn,
-                            cancelled=lambda _: time.monotonic() >= deadline)[0][0]
-    gen = np.asarray(comp.tokens, np.int32)
-    rec.turn_starts.append(len(rec.tokens))
-    rec.add(gen, loss_mask=1, flags=_call_flags(gen, *call_ids), **_sampled(comp))
-    rec.turn_ends.append(len(rec.tokens))
-    text = tokenizer.decode(gen)
-    content, calls, errors = tokenizer.parse_tool_calls(text)
-    if (calls or errors) and call_ids[0] is None:  # no single-token tag: flag the whole turn
-      rec.chunks["flags"][-1] |= TOOL_CALL
-    tool_calls = [ToolCall(id=f"call_{uuid.uuid4().hex[:12]}", name=c["name"],
-                           arguments=c["arguments"]) for c in calls]
-    messages.append(_assistant_message(content, tool_calls))
-    if comp.finish_reason == "cancelled":
-      finish = "timeout"
-      break
-    if comp.finish_reason != "stop":  # cut by max_new_tokens: the turn never closed
-      finish = "max_tokens" if sp.max_new_tokens == room else "length"
-      break
-    if not calls and not errors:
-      finish = "answer"
-      break
-    observations, done = env.step(tool_calls) if tool_calls else ([], env.done)
-    n_calls += len(tool_calls) + len(errors)
-    parallel += len(tool_calls) + len(errors) > 1
-    results = [(c.id, obs) for c, obs in zip(tool_calls, observations)]
-    results += [("", f"Error: {err}") for err in errors]
-    n_errors += sum(obs.startswith("Error") for _, obs in results)
-    before = len(messages)
-    messages += [{"role": "tool", "tool_call_id": cid, "content": obs} for cid, obs in results]
-    delta = _template_delta(tokenizer, messages, before, tools)
-    flag = TOOL_RESULT | (TOOL_ERROR if any(o.startswith("Error") for _, o in results) else 0)
-    rec.add(tokenizer.encode(delta), flags=flag)
-    if monitor is not None:
-      generated = np.asarray(rec.tokens, np.int32)[rec.array("loss_mask").astype(bool)]
-      if monitor(tool_calls, generated=generated, malformed=len(errors)).stop:
-        finish = "deviation"
-        break
-    if done:
-      finish = "submitted"
-      break
-  reward, info = env.evaluate()
-  rollout = rec.finish(messages, float(reward), info, finish, n_calls, n_errors, parallel)
-  if monitor is not None and monitor.verdict.stop:
+  ep = _Episode(backend, tokenizer, env, sampling or SamplingParams(
+      max_new_tokens=limits.max_new_tokens), limits, seed, monitor)
+  error, reward, info = None, 0.0, {}
+  try:
+    ep.play(task)
+    ep.stage = "evaluate"
+    reward, info = env.evaluate()
+  except Exception as e:  # noqa: BLE001 - one bad episode must not stop a run
+    error, ep.finish = f"{ep.stage}: {type(e).__name__}: {e}", "error"
+    info = {"traceback": traceback.format_exc(limit=5)}
+  finally:
+    env.close()
+  rollout = ep.rec.finish(ep.messages, float(reward), info, ep.finish, ep.n_calls,
+                          ep.n_errors, ep.parallel)
+  rollout.error = error
+  if error is None and monitor is not None and monitor.verdict.stop:
     rollout = truncate_after(rollout, int(rollout.turn_starts[monitor.verdict.cut_turn]))
     rollout.info["deviation"] = monitor.verdict.reason
   return rollout
+
+
+class _Episode:
+  """The state of one episode between turns; `play` runs the turns (see `run_episode`)."""
+
+  def __init__(self, backend, tokenizer, env, sampling, limits, seed, monitor):
+    self.backend, self.tokenizer, self.env = backend, tokenizer, env
+    self.sampling, self.limits, self.seed, self.monitor = sampling, limits, seed, monitor
+    self.rec, self.messages, self.stage = _Recorder(), [], "reset"
+    self.finish, self.n_calls, self.n_errors, self.parallel = "max_turns", 0, 0, 0
+
+  def play(self, task):
+    limits, rec, tokenizer = self.limits, self.rec, self.tokenizer
+    deadline = time.monotonic() + limits.max_seconds
+    messages, tools = self.env.reset(task)
+    self.messages = messages = list(messages)
+    ids, _ = tokenizer.encode_chat(messages, tools, add_generation_prompt=True)
+    rec.add(ids)
+    call_ids = _single_ids(tokenizer, TOOL_CALL_OPEN), _single_ids(tokenizer, TOOL_CALL_CLOSE)
+    for turn in range(limits.max_turns):
+      room = limits.max_tokens - len(rec.tokens)
+      if room <= 0:
+        self.finish = "max_tokens"
+        return
+      if time.monotonic() >= deadline:
+        self.finish = "timeout"
+        return
+      self.stage = "generate"
+      sp = dataclasses.replace(self.sampling, max_new_tokens=min(
+          self.sampling.max_new_tokens, limits.max_new_tokens, room))
+      comp = self.backend.generate([np.asarray(rec.tokens, np.int32)], sp,
+                                   seed=self.seed * 1000 + turn,
+                                   cancelled=lambda _: time.monotonic() >= deadline)[0][0]
+      gen = np.asarray(comp.tokens, np.int32)
+      rec.turn_starts.append(len(rec.tokens))
+      rec.add(gen, loss_mask=1, flags=_call_flags(gen, *call_ids), **_sampled(comp))
+      rec.turn_ends.append(len(rec.tokens))
+      content, calls, errors = tokenizer.parse_tool_calls(tokenizer.decode(gen))
+      if (calls or errors) and call_ids[0] is None:  # no single-token tag: flag the turn
+        rec.chunks["flags"][-1] |= TOOL_CALL
+      tool_calls = [ToolCall(id=f"call_{uuid.uuid4().hex[:12]}", name=c["name"],
+                             arguments=c["arguments"]) for c in calls]
+      messages.append(_assistant_message(content, tool_calls))
+      if comp.finish_reason == "cancelled":
+        self.finish = "timeout"
+        return
+      if comp.finish_reason != "stop":  # cut by max_new_tokens: the turn never closed
+        self.finish = "max_tokens" if sp.max_new_tokens == room else "length"
+        return
+      if not calls and not errors:
+        self.finish = "answer"
+        return
+      self.stage = "step"
+      observations, done = self.env.step(tool_calls) if tool_calls else ([], self.env.done)
+      self.n_calls += len(tool_calls) + len(errors)
+      self.parallel += len(tool_calls) + len(errors) > 1
+      results = [(c.id, obs) for c, obs in zip(tool_calls, observations)]
+      results += [("", f"Error: {err}") for err in errors]
+      self.n_errors += sum(obs.startswith("Error") for _, obs in results)
+      before = len(messages)
+      messages += [{"role": "tool", "tool_call_id": cid, "content": obs} for cid, obs in results]
+      delta = _template_delta(tokenizer, messages, before, tools)
+      failed = any(o.startswith("Error") for _, o in results)
+      rec.add(tokenizer.encode(delta), flags=TOOL_RESULT | (TOOL_ERROR if failed else 0))
+      if self.monitor is not None:
+        generated = np.asarray(rec.tokens, np.int32)[rec.array("loss_mask").astype(bool)]
+        if self.monitor(tool_calls, generated=generated, malformed=len(errors)).stop:
+          self.finish = "deviation"
+          return
+      if done:
+        self.finish = "submitted"
+        return
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -167,6 +167,53 @@ def test_version_per_token_comes_from_the_completion():
   assert plain.version.dtype == np.int32 and not plain.version.any()
 
 
+class FlakyEnv(SleepEnv):
+  """SleepEnv failing at one stage; counts close() calls."""
+
+  def __init__(self, fail=None):
+    super().__init__()
+    self.fail, self.closed = fail, 0
+
+  def reset(self, task):
+    if self.fail == "reset":
+      raise KeyError("q")
+    return super().reset(task)
+
+  def evaluate(self):
+    if self.fail == "evaluate":
+      raise RuntimeError("grader down")
+    return super().evaluate()
+
+  def close(self):
+    self.closed += 1
+
+
+class Crashing:
+  def generate(self, prompts, params, n=1, seed=0, cancelled=None):
+    raise ConnectionError("server gone")
+
+
+def test_failures_are_recorded_never_raised_and_the_env_is_always_closed():
+  script = [call("submit", answer="42")]
+  env = FlakyEnv()
+  ro = run_episode(Scripted(script), TOK, env, {"q": "?"})
+  assert ro.error is None and ro.reward == 1.0 and env.closed == 1
+  env = FlakyEnv("reset")
+  ro = run_episode(Scripted(script), TOK, env, {})
+  assert ro.error == "reset: KeyError: 'q'" and ro.finish_reason == "error"
+  assert ro.reward == 0.0 and len(ro.tokens) == 0 and env.closed == 1
+  assert "KeyError" in ro.info["traceback"]
+  env = FlakyEnv()
+  ro = run_episode(Crashing(), TOK, env, {"q": "?"})
+  assert ro.error == "generate: ConnectionError: server gone" and env.closed == 1
+  assert len(ro.tokens) > 0 and not ro.loss_mask.any()  # the prompt is kept
+  env = FlakyEnv("evaluate")
+  ro = run_episode(Scripted(script), TOK, env, {"q": "?"})
+  assert ro.error == "evaluate: RuntimeError: grader down" and ro.reward == 0.0
+  assert ro.num_turns == 1 and ro.loss_mask.sum() == len(TOK.encode(script[0])) + 1
+  assert env.closed == 1
+
+
 def test_bad_limits():
   with pytest.raises(ValueError, match="max_turns"):
     AgentLimits(max_turns=0)
