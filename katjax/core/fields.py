@@ -97,7 +97,7 @@ BRANCH_FIELDS = (
 def pad_array(name: str, n: int) -> np.ndarray:
   """[n] of field `name`'s pad value and dtype."""
   f = FIELD[name]
-  return np.full(n, f.pad, f.dtype)
+  return np.zeros(n, f.dtype) if f.pad == 0 else np.full(n, f.pad, f.dtype)
 
 
 def token_arrays(owner: str, values: dict, n: int) -> dict:

@@ -327,11 +327,12 @@ def _layout(trajs, nodes) -> PrefixTree:
   branch_end = np.zeros(n_br, np.int32)
   for i, (depth, length, _, members) in enumerate(nodes):
     s, span = node_start[i], slice(depth, depth + length)
-    for f in KEY_FIELDS:  # equal on all members
+    for f in TREE_FIELDS:  # "key" fields are equal on all members; "min" ones start here
       per_token[f][s:s + length] = getattr(trajs[members[0]], f)[span]
-    for f in MIN_FIELDS:
-      per_token[f][s:s + length] = np.min([getattr(trajs[b], f)[span] for b in members], axis=0)
     for b in members:
+      for f in MIN_FIELDS:
+        np.minimum(per_token[f][s:s + length], getattr(trajs[b], f)[span],
+                   out=per_token[f][s:s + length])
       branch_mask[b, s:s + length] = trajs[b].loss_mask[span]
       if len(trajs[b]) == depth + length:
         branch_end[b] = s + length - 1

@@ -135,7 +135,7 @@ def unpack(batch: TreeBatch) -> list:
 def _fill(trees, placement, n_rows, size, norm) -> TreeBatch:
   shape = (n_rows, size)
   idx = np.broadcast_to(np.arange(size, dtype=np.int32), shape)
-  a = {f.name: np.full(shape, f.pad, f.dtype) for f in TOKEN_FIELDS}
+  a = {f.name: fields.pad_array(f.name, size * n_rows).reshape(shape) for f in TOKEN_FIELDS}
   a.update({k: np.zeros(shape, np.float32) for k in WEIGHT_KEYS})
   a.update(positions=np.zeros(shape, np.int32), subtree_end=(idx + 1).astype(np.int32),
            parent=np.full(shape, -1, np.int32), mult=np.zeros(shape, np.int32))
