@@ -61,7 +61,8 @@ class Branch:
     mask[0] = 0  # the first token has no predicting context
     return Trajectory(tokens=np.asarray(self.tokens, np.int32), loss_mask=mask,
                       logprobs=np.asarray(self.logprobs, np.float32),
-                      entropy=np.asarray(self.entropy, np.float32), reward=reward,
+                      entropy=np.asarray(self.entropy, np.float32),
+                      version=np.asarray(self.version, np.int32), reward=reward,
                       group_id=group_id, policy_version=min(self.trained_versions(), default=0))
 
   def trained_versions(self) -> list:
@@ -184,7 +185,7 @@ class TrajectoryManager:
         index, new = len(sess.branches) - 1, True
         self.stats["forks"] += bool(sess.branches[:-1]) and not mismatch
       self.stats["prefix_mismatches"] += mismatch
-      branch.extend(prompt[len(branch.tokens):], trained=False, version=self.version)
+      branch.extend(prompt[len(branch.tokens):], trained=False, version=0)  # not generated
       branch.extend(output, trained=True, logprobs=logprobs, entropy=entropy, version=version)
       return {"branch": index, "new_branch": new, "mismatch": mismatch}
 

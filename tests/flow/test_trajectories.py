@@ -166,3 +166,16 @@ def test_unknown_session_abort_and_state_round_trip():
     restored.finish("stray", 0.0)
   with pytest.raises(ValueError, match="already finished"):
     restored.record("stray", [1, 2], [3])
+
+
+def test_trained_trajectories_carry_each_tokens_version():
+  mgr = TrajectoryManager(group_size=1, batch_groups=1)
+  mgr.start_group("t", ["s"])
+  mgr.record("s", [1, 2], [3, 4], version=[0, 1])  # weights changed inside the call
+  mgr.set_version(1)
+  mgr.record("s", [1, 2, 3, 4, 9], [5])
+  mgr.finish("s", 1.0)
+  (group,), _ = mgr.take_batch()
+  np.testing.assert_array_equal(group[0].version, [0, 0, 0, 1, 0, 1])  # context: 0
+  np.testing.assert_array_equal(group[0].loss_mask, [0, 0, 1, 1, 0, 1])
+  assert group[0].policy_version == 0  # the oldest trained token
