@@ -12,7 +12,7 @@ Per turn: generate, parse `<tool_call>` blocks (several per turn), run them with
 until the model answers without a tool call, the environment is done (submit), or a limit
 (turns, tokens, wall time) is hit. Malformed calls become error observations and are counted.
 
-`backend` is anything with `generate(prompts, params, n=, seed=, cancelled=)` returning
+`backend` is anything with `generate(prompts, sampling, n=, seed=, cancelled=)` returning
 `Completion`s: the local `Sampler`, or `OpenAIClient` for an external server.
 """
 
@@ -124,7 +124,7 @@ def run_episode(backend, tokenizer, env, task: dict, sampling: SamplingParams | 
                             cancelled=lambda _: time.monotonic() >= deadline)[0][0]
     gen = np.asarray(comp.tokens, np.int32)
     rec.turn_starts.append(len(rec.tokens))
-    rec.add(gen, mask=1, logprobs=comp.logprobs, raw=comp.raw_logprobs, ent=comp.entropies,
+    rec.add(gen, mask=1, logprobs=comp.logprobs, raw=comp.raw_logprobs, ent=comp.entropy,
             events=_call_events(gen, *call_ids))
     rec.turn_ends.append(len(rec.tokens))
     text = tokenizer.decode(gen)

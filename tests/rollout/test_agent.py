@@ -29,19 +29,19 @@ class Scripted:
   def __init__(self, texts, close=True):
     self.texts, self.close, self.prompts, self.generated = list(texts), close, [], []
 
-  def generate(self, prompts, params, n=1, seed=0, cancelled=None):
+  def generate(self, prompts, sampling, n=1, seed=0, cancelled=None):
     (prompt,) = prompts
     self.prompts.append([int(t) for t in prompt])
     text = self.texts[min(len(self.generated), len(self.texts) - 1)]
     ids = TOK.encode(text) + ([TOK.eos_id] if self.close else [])
-    cut = ids[:params.max_new_tokens]
+    cut = ids[:sampling.max_new_tokens]
     self.generated.append(cut)
     k = len(cut)
     rng = np.random.default_rng(len(self.generated))
     return [[Completion(tokens=np.array(cut, np.int32),
                         logprobs=-rng.random(k).astype(np.float32),
                         raw_logprobs=-rng.random(k).astype(np.float32),
-                        entropies=rng.random(k).astype(np.float32),
+                        entropy=rng.random(k).astype(np.float32),
                         finish_reason="stop" if cut and cut[-1] == TOK.eos_id else "length",
                         prompt_len=len(prompt))]]
 
