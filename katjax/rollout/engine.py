@@ -5,7 +5,9 @@ whole batch, and re-prefills a multi-turn agent's full history every turn. The e
 one pool of `rows` KV-cache rows that a single worker thread owns, and between decode chunks:
 
 - applies pending weights (`update_weights`): never inside a chunk; the version counter goes
-  up by one and every token carries the version of the weights that produced it;
+  up by one and every token carries the version of the weights that produced it. Running
+  rows continue on their cache (keys and values of earlier tokens stay those of the old
+  weights, as in partial rollouts); cached prefixes of the old weights are never reused;
 - frees the rows of finished and cancelled requests at once;
 - admits queued requests into free rows (continuous batching). A request's prompt is matched
   against the tokens every row holds in its cache (running rows, and finished rows that keep
@@ -174,8 +176,11 @@ class Engine:
     """Queue, rows, prefix-cache hit rate, latency percentiles (seconds)."""
     with self._cv:
       busy = [r for r in self._row if r is not None and not r[0].cancelled]
-      out = dict(queued=len(self._queue), running=len({id(r[0]) for r in busy}),
-                 running_rows=len(busy), rows=self.rows, version=self.version, **self.stats)
+      out = dict.fromkeys(("requests", "admitted", "cancelled", "rejected", "chunks",
+                           "row_chunks", "shared_chunks", "max_requests_per_chunk",
+                           "prompt_tokens", "prefix_hit_tokens", "generated_tokens"), 0)
+      out.update(self.stats, queued=len(self._queue), running=len({id(r[0]) for r in busy}),
+                 running_rows=len(busy), rows=self.rows, version=self.version)
       prompt = self.stats["prompt_tokens"]
       out["prefix_hit_rate"] = self.stats["prefix_hit_tokens"] / prompt if prompt else 0.0
       for name, xs in (("latency", self._latency), ("queue_wait", self._wait)):
@@ -207,6 +212,7 @@ class Engine:
       try:
         if params is not None:
           self.sampler.update_weights(params)
+          self._held = [np.zeros(0, np.int32)] * self.rows  # old weights' K/V: no reuse
         for req in admits:
           self._admit(req)
         if any(self._row):
@@ -301,7 +307,8 @@ class Engine:
       if "top_ids" in out:
         rec["top"].extend(zip(out["top_ids"][r][valid].tolist(), out["top_lp"][r][valid].tolist()))
       toks = rec["tokens"]
-      self._held[r] = np.concatenate([req.prompt, np.asarray(toks[:-1], np.int32)])
+      if rec["version"][0] == version:  # its cache is all of this version's weights
+        self._held[r] = np.concatenate([req.prompt, np.asarray(toks[:-1], np.int32)])
       touched.add(req)
       stop = self._stop_string(req, j)
       if stop is not None:
