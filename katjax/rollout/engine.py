@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from katjax.model import api as model_api
-from katjax.rollout.sampler import (Completion, Sampler, SamplingParams, _key_data,
-                                    _sampling_arrays, bucket, top_logprobs)
+from katjax.rollout.sampler import (_CPU_COMPILER_OPTIONS, Completion, Sampler, SamplingParams,
+                                    _key_data, _sampling_arrays, bucket, top_logprobs)
 from katjax.rollout.sampling import finished as _finished
 from katjax.rollout.sampling import sample as _sample
 
@@ -450,7 +450,9 @@ class Engine:
 @functools.lru_cache(maxsize=8)
 def _admit_program(cfg):
   """One compiled admission per model config (engines over the same model share it)."""
-  return jax.jit(functools.partial(_admit, cfg), static_argnames=("top",), donate_argnums=(1,))
+  opts = _CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+  return jax.jit(functools.partial(_admit, cfg), static_argnames=("top",), donate_argnums=(1,),
+                 compiler_options=opts)
 
 
 def _admit(cfg, params, state, tokens, hits, lens, copy_src, dst, rsrc, samp, keys, *, top):

@@ -125,7 +125,7 @@ def render_response(req: Request, completions, ctx: Context) -> dict:
   for i, comp in enumerate(completions):
     ids = [int(t) for t in comp.tokens]
     body_ids = ids
-    stops = req.params.stop_ids if req.params.stop_ids is not None else tok.stop_ids
+    stops = req.sampling.stop_ids if req.sampling.stop_ids is not None else tok.stop_ids
     if comp.finish_reason == "stop" and ids and ids[-1] in stops and comp.text is None:
       body_ids = ids[:-1]
     text = comp.text if comp.text is not None else tok.decode(body_ids)

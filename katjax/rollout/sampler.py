@@ -122,13 +122,7 @@ class Sampler:
     self._axes = model_api.logical_axes(cfg) if mesh is not None else None
     self.params, self.version = None, -1
     self.update_weights(params)
-    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-    opts = _CPU_COMPILER_OPTIONS if platform == "cpu" else None
-    self._start = jax.jit(functools.partial(_start, cfg, mesh, cache_dtype),
-                          static_argnames=("rows", "cache_len"), compiler_options=opts)
-    self._decode = jax.jit(functools.partial(_decode_chunk, cfg), static_argnames=("steps", "top"),
-                           donate_argnums=(1,), compiler_options=opts)
-    self._grow = jax.jit(_grow_cache, static_argnames=("size",))
+    self._start, self._decode, self._grow = _programs(cfg, mesh, cache_dtype)
 
   # --- public -------------------------------------------------------------------------------
 
@@ -308,6 +302,19 @@ class Sampler:
 
 
 # --- jitted pieces ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(cfg, mesh, cache_dtype):
+  """(start, decode, grow) jitted once per model config: samplers and engines over the same
+  model (a reference and an engine, a sampler rebuilt after a restart) share compilations."""
+  platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+  opts = _CPU_COMPILER_OPTIONS if platform == "cpu" else None
+  start = jax.jit(functools.partial(_start, cfg, mesh, cache_dtype),
+                  static_argnames=("rows", "cache_len"), compiler_options=opts)
+  decode = jax.jit(functools.partial(_decode_chunk, cfg), static_argnames=("steps", "top"),
+                   donate_argnums=(1,), compiler_options=opts)
+  return start, decode, jax.jit(_grow_cache, static_argnames=("size",))
 
 
 def _start(cfg, mesh, cache_dtype, params, tokens, lengths, src, samp, keys, *, rows, cache_len):

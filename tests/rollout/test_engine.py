@@ -5,7 +5,6 @@ One tiny model, one sampler and one engine per module; the engine's cache is fix
 sampler's max_len (min_cache) so each program compiles once.
 """
 
-import threading
 import time
 
 import jax
@@ -91,15 +90,17 @@ def test_staggered_arrivals_join_running_batches(engine, plain):
 def test_forks_and_shared_system_prompt(engine, plain):
   sp = SamplingParams(temperature=1.0, max_new_tokens=12)
   system = list(range(30, 50))
-  ref = plain.generate([system + [1]], sp, n=2, seed=4)
-  got = engine.generate([system + [1]], sp, n=2, seed=4)
-  for a, b in zip(ref[0], got[0]):
-    np.testing.assert_array_equal(a.tokens, b.tokens)
+  a, b = system + [1], system + [2, 3]
+  # Reference rows (4, as the engine's pool: one compiled shape): a's two forks, then b.
+  key = lambda s, j: jax.random.fold_in(jax.random.PRNGKey(s), j)
+  ref = plain.generate([a, a, b, [7]], sp, keys=[key(4, 0), key(4, 1), key(9, 0), key(0, 0)])
+  forks = engine.generate([a], sp, n=2, seed=4)[0]
+  for j in range(2):
+    np.testing.assert_array_equal(forks[j].tokens, ref[j][0].tokens)
   hit0 = engine.snapshot()["prefix_hit_tokens"]
-  other = engine.generate([system + [2, 3]], sp, seed=9)  # another agent, same system prompt
+  other = engine.generate([b], sp, seed=9)  # another agent, same system prompt
   assert engine.snapshot()["prefix_hit_tokens"] - hit0 == len(system)
-  np.testing.assert_array_equal(other[0][0].tokens,
-                                plain.generate([system + [2, 3]], sp, seed=9)[0][0].tokens)
+  np.testing.assert_array_equal(other[0][0].tokens, ref[2][0].tokens)
 
 
 def test_weight_update_between_chunks_versions_tokens(engine, plain, params):
@@ -117,7 +118,7 @@ def test_weight_update_between_chunks_versions_tokens(engine, plain, params):
     assert v[0] == v0 and v[-1] == v0 + 1 and np.all(np.diff(v) >= 0)
     k = int(np.argmax(v == v0 + 1))  # first token of the new weights
     assert k % 8 == 1  # at a chunk boundary (the first token comes from the prefill)
-    old = plain.generate([[5, 6, 7, 8]], sp)[0][0]
+    old = plain.generate([[5, 6, 7, 8]] + PROMPTS[1:], sp)[0][0]  # the 4-row shape
     np.testing.assert_array_equal(comp.tokens[:k], old.tokens[:k])
     assert not np.array_equal(comp.tokens[k:], old.tokens[k:])  # the new weights decide
   finally:
@@ -140,11 +141,11 @@ def test_cancel_frees_rows(engine):
     time.sleep(0.01)
 
 
-def test_overload_and_bad_input(params, sampler):
-  eng = Engine(sampler, rows=1, max_queue=1, min_cache=MAX_LEN)
+def test_overload_and_bad_input(sampler):
+  eng = Engine(sampler, rows=4, max_queue=1, min_cache=MAX_LEN)
   try:
     long = SamplingParams(temperature=0.0, max_new_tokens=60)
-    first = eng.submit([1, 2], long)
+    first = eng.submit([1, 2], long, n=4)  # every row
     while eng.snapshot()["running"] != 1:
       time.sleep(0.005)
     eng.submit([1, 2], long)
@@ -152,7 +153,7 @@ def test_overload_and_bad_input(params, sampler):
       eng.submit([1, 2], long)
     eng.cancel(first)
     with pytest.raises(ValueError, match="n must be"):
-      eng.submit([1], n=2)
+      eng.submit([1], SamplingParams(max_new_tokens=4), n=8)
     with pytest.raises(ValueError, match="token ids must lie"):
       eng.submit([1, 999])
   finally:

@@ -60,9 +60,11 @@ class FakeEngine:
     req.started = time.monotonic()
     ids = TOK.encode(self.text) + [TOK.eos_id]
     for t, tok in enumerate(ids):
+      t0 = time.monotonic()
+      while time.monotonic() - t0 < self.delay / len(ids) and not req.cancelled:
+        time.sleep(0.01)
       if req.cancelled:
         break
-      time.sleep(self.delay / len(ids))
       for j in range(req.n):
         req._out[j]["tokens"].append(tok)
       with req.updated:
@@ -261,11 +263,11 @@ def test_real_engine_behind_server(caplog):
   """Matches a direct Sampler call; streaming equals non-streaming; 4 concurrent clients
   share decode chunks; one log line per request; latency percentiles in /health."""
   cfg = TINY.replace(vocab_size=272)
-  sampler = Sampler(cfg, init(cfg, jax.random.PRNGKey(0)), max_len=256, tokenizer=TOK,
-                    chunk=8)
+  # The shapes of tests/rollout/test_engine.py (64 slots, 4 rows, chunk 8): shared programs.
+  sampler = Sampler(cfg, init(cfg, jax.random.PRNGKey(0)), max_len=64, tokenizer=TOK, chunk=8)
   messages = [{"role": "user", "content": "Hello there"}]
   caplog.set_level(logging.INFO, logger="katjax.rollout.server")
-  with serve(Engine(sampler, rows=4, min_cache=256), TOK) as srv:
+  with serve(Engine(sampler, rows=4, min_cache=64), TOK) as srv:
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
     resp = client.chat.completions.create(model="katjax", messages=messages, temperature=0,
                                           max_tokens=12, logprobs=True)
@@ -275,7 +277,7 @@ def test_real_engine_behind_server(caplog):
         SamplingParams(temperature=0.0, max_new_tokens=12))[0][0]
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="katjax", messages=messages, temperature=0, max_tokens=12, stream=True))
-    body = dict(messages=messages, temperature=0.8, max_tokens=40)
+    body = dict(messages=messages, temperature=0.8, max_tokens=24)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
       results = list(pool.map(lambda i: post(srv.url, dict(body, seed=i)), range(4)))
     stats = health(srv.url)
@@ -284,7 +286,9 @@ def test_real_engine_behind_server(caplog):
   assert got == direct.tokens.tolist() == via_client.tokens.tolist()
   np.testing.assert_allclose([c.logprob for c in resp.choices[0].logprobs.content],
                              direct.raw_logprobs, atol=1e-6)
-  np.testing.assert_allclose(via_client.entropy, direct.entropy, atol=1e-6)
+  # The engine ran this prompt in a 4-row pool on a cached prefix, the direct call alone:
+  # float32 rounding of a different batch shape, hence a relative bound.
+  np.testing.assert_allclose(via_client.entropy, direct.entropy, rtol=1e-6)
   assert streamed == resp.choices[0].message.content
   assert all(s == 200 for s, _ in results)
   assert stats["max_requests_per_chunk"] > 1 and stats["shared_chunks"] > 0
