@@ -319,7 +319,7 @@ class RecordingBackend:
         if version is None:
           version = getattr(self.backend, "version", None)
         self.manager.record(self.session, prompt, comp.tokens, comp.logprobs,
-                            getattr(comp, "entropy", getattr(comp, "entropies", None)),
+                            getattr(comp, "entropy", None),
                             version=version)
     return outs
 

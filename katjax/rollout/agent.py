@@ -15,7 +15,7 @@ until the model answers without a tool call, the environment is done (submit), o
 recorded on the Rollout (`error`), never raised, and the environment is always closed
 (scripted policies for tests and benchmarks drive it through `katjax.testing.scripted`).
 
-`backend` is anything with `generate(prompts, params, n=, seed=, cancelled=)` returning
+`backend` is anything with `generate(prompts, sampling, n=, seed=, cancelled=)` returning
 `Completion`s: the local `Sampler`, or `OpenAIClient` for an external server.
 """
 
@@ -247,11 +247,8 @@ class _Recorder:
 def _sampled(comp) -> dict:
   """A completion's per-token outputs by field name. A backend that does not report a field
   (an external server: no `version`) leaves it at the field's pad value."""
-  entropy = getattr(comp, "entropy", None)
-  if entropy is None:  # a Completion from before the sampler's rename to `entropy`
-    entropy = getattr(comp, "entropies", None)
-  return {"logprobs": comp.logprobs, "raw_logprobs": comp.raw_logprobs, "entropy": entropy,
-          "version": getattr(comp, "version", None)}
+  return {"logprobs": comp.logprobs, "raw_logprobs": comp.raw_logprobs,
+          "entropy": comp.entropy, "version": getattr(comp, "version", None)}
 
 
 def _assistant_message(content, tool_calls):

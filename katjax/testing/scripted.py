@@ -9,7 +9,6 @@ limits, records). `run_scripted` runs one episode with the byte tokenizer and lo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -37,7 +36,7 @@ class ScriptedBackend:
     self.tokenizer = tokenizer or ByteTokenizer()
     self.prompts = []
 
-  def generate(self, prompts, params, n=1, seed=0, cancelled=None):
+  def generate(self, prompts, sampling, n=1, seed=0, cancelled=None):
     (prompt,) = prompts
     turn = len(self.prompts)
     self.prompts.append([int(t) for t in prompt])
@@ -47,17 +46,12 @@ class ScriptedBackend:
     if isinstance(reply, BaseException):
       raise reply
     text = reply if isinstance(reply, str) else render_calls(reply)
-    ids = (self.tokenizer.encode(text) + [self.tokenizer.eos_id])[:params.max_new_tokens]
+    ids = (self.tokenizer.encode(text) + [self.tokenizer.eos_id])[:sampling.max_new_tokens]
     k = len(ids)
     finish = "stop" if ids and ids[-1] == self.tokenizer.eos_id else "length"
     zeros = np.zeros(k, np.float32)
     return [[Completion(tokens=np.asarray(ids, np.int32), logprobs=zeros, raw_logprobs=zeros,
-                        finish_reason=finish, prompt_len=len(prompt), **{_ENTROPY: zeros})]]
-
-
-# The sampler's name of the per-token entropy (`entropies` until it is renamed `entropy`).
-_ENTROPY = next(n for n in ("entropy", "entropies")
-                if n in {f.name for f in dataclasses.fields(Completion)})
+                        entropy=zeros, finish_reason=finish, prompt_len=len(prompt))]]
 
 
 def render_calls(calls) -> str:

@@ -30,7 +30,7 @@ class Scripted:
     self.texts, self.close, self.prompts, self.generated = list(texts), close, [], []
     self.version = version  # per-token policy version to report (None: not reported)
 
-  def generate(self, prompts, params, n=1, seed=0, cancelled=None):
+  def generate(self, prompts, sampling, n=1, seed=0, cancelled=None):
     (prompt,) = prompts
     self.prompts.append([int(t) for t in prompt])
     text = self.texts[min(len(self.generated), len(self.texts) - 1)]
@@ -42,7 +42,7 @@ class Scripted:
     comp = Completion(tokens=np.array(cut, np.int32),
                       logprobs=-rng.random(k).astype(np.float32),
                       raw_logprobs=-rng.random(k).astype(np.float32),
-                      entropies=rng.random(k).astype(np.float32),
+                      entropy=rng.random(k).astype(np.float32),
                       finish_reason="stop" if cut and cut[-1] == TOK.eos_id else "length",
                       prompt_len=len(prompt))
     if self.version is not None:
@@ -189,7 +189,7 @@ class FlakyEnv(SleepEnv):
 
 
 class Crashing:
-  def generate(self, prompts, params, n=1, seed=0, cancelled=None):
+  def generate(self, prompts, sampling, n=1, seed=0, cancelled=None):
     raise ConnectionError("server gone")
 
 
