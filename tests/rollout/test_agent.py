@@ -35,7 +35,7 @@ class Scripted:
     self.prompts.append([int(t) for t in prompt])
     text = self.texts[min(len(self.generated), len(self.texts) - 1)]
     ids = TOK.encode(text) + ([TOK.eos_id] if self.close else [])
-    cut = ids[:params.max_new_tokens]
+    cut = ids[:sampling.max_new_tokens]
     self.generated.append(cut)
     k = len(cut)
     rng = np.random.default_rng(len(self.generated))
