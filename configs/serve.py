@@ -14,5 +14,5 @@ import tiny  # noqa: E402
 def get_config():
   c = tiny.get_config()
   c.serve = dict(checkpoint="", host="127.0.0.1", port=8000, model_name="katjax",
-                 max_len=2048, max_batch=16, max_queue=64, chunk=32, duration_s=0.0, seed=0)
+                 max_len=0, max_batch=16, max_queue=64, chunk=32, duration_s=0.0, seed=0)
   return c

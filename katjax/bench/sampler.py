@@ -1,6 +1,7 @@
 """Sampler throughput: KV cache vs full recompute, vs transformers generate, vs Tunix.
 
     python -m katjax.bench.sampler [--smollm2_new_tokens=128] [--skip_smollm2] [--skip_tunix]
+        [--skip_multiturn] [--only_multiturn] [--agents=16]
 
 Prints one JSON object. Throughput is generated tokens per second of wall time for a whole
 greedy generation (batch * new tokens / seconds, prefill included, compilation excluded:
@@ -16,6 +17,11 @@ number of tokens in every engine.
   float32 on both sides, the same prompt ids; transformers `generate` (torch CPU) loads the
   same weights written as a Hugging Face folder. Recompute is timed over a few steps (its
   cost per step is constant: the buffer has a fixed length).
+
+- multiturn: 16 concurrent multi-turn agents (shared system prompt, growing histories,
+  lognormal tool times) on the tiny model: `katjax.rollout.engine.Engine` (continuous
+  batching + prefix caching) vs the pre-engine static batches; `multiturn.speedup` is the
+  ratio of generated tokens/s (see katjax/bench/rollouts.py).
 
 A key is null, with a `*_reason` key beside it, when its engine or weights are unavailable.
 """
@@ -49,11 +55,20 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--skip_smollm2", action="store_true")
   ap.add_argument("--skip_tunix", action="store_true")
+  ap.add_argument("--skip_multiturn", action="store_true")
+  ap.add_argument("--only_multiturn", action="store_true")
+  ap.add_argument("--agents", type=int, default=16)
   args = ap.parse_args(argv)
   out = {"backend": jax.default_backend(), "prompt_len": PROMPT,
          "new_tokens": args.new_tokens, "unit": "generated tokens/s (greedy, prefill incl.)"}
   cfg = tiny_config()
   params = model_api.init(cfg, jax.random.PRNGKey(0))
+  if not args.skip_multiturn:
+    from katjax.bench.rollouts import multiturn
+    out["multiturn"] = multiturn(cfg, params, agents=args.agents)
+  if args.only_multiturn:
+    print(json.dumps(out, indent=1))
+    return out
   prompts = np.random.default_rng(0).integers(0, 256, (16, PROMPT)).astype(np.int32)
   for b in (1, 16):
     out[f"tiny_katjax_cache_b{b}"] = katjax_tps(cfg, params, prompts[:b], args.new_tokens,

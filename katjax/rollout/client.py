@@ -6,8 +6,8 @@ token ids to `/v1/completions` (token in, token out: the trajectory stays exactl
 model saw) and reads generated ids back from, in order: katjax's `token_ids`, vLLM's
 `token_id:N` strings (`return_tokens_as_token_ids`), or re-encoding the text (last resort,
 flagged `exact_ids=False` in `last_info`). Logprobs are kept when the server returns them;
-entropy and policy version per token are only known from a katjax server (zeros otherwise). `chat(...)` is the plain
-chat-completions call for scaffolds that work with messages.
+entropy and policy version per token are only known from a katjax server (zeros otherwise).
+`chat(...)` is the plain chat-completions call for scaffolds that work with messages.
 
 Standard library only (urllib); one request per prompt, sent concurrently.
 """

@@ -61,11 +61,13 @@ class Server:
 
 def serve(backend: Sampler | Engine, tokenizer, *, host: str = "127.0.0.1", port: int = 0,
           model_name: str = "katjax", max_batch: int = 16, max_queue: int = 64,
-          max_n: int = 16, block: bool = False) -> Server:
+          max_n: int = 16, block: bool = False, recorder=None) -> Server:
   """Starts the HTTP server in a background thread (or blocks when `block`).
 
   backend: an `Engine` (shared with in-process callers), or a `Sampler` that gets its own
-  engine of `max_batch` rows.
+  engine of `max_batch` rows. recorder(session, request, completions), e.g. a
+  `katjax.flow.TrajectoryManager`, is called after every answered call; the session is the
+  URL prefix `/sessions/<id>` (`/sessions/<id>/v1/chat/completions`; "" without it).
   """
   engine = backend if hasattr(backend, "submit") else Engine(backend, rows=max_batch,
                                                              max_queue=max_queue)
@@ -75,7 +77,7 @@ def serve(backend: Sampler | Engine, tokenizer, *, host: str = "127.0.0.1", port
   class Handler(_Handler):
     pass
 
-  Handler.engine, Handler.ctx = engine, ctx
+  Handler.engine, Handler.ctx, Handler.recorder = engine, ctx, recorder
   httpd = http.server.ThreadingHTTPServer((host, port), Handler)
   httpd.daemon_threads = True
   if block:
@@ -92,6 +94,7 @@ def serve(backend: Sampler | Engine, tokenizer, *, host: str = "127.0.0.1", port
 class _Handler(http.server.BaseHTTPRequestHandler):
   engine: Engine
   ctx: protocol.Context
+  recorder = None
   protocol_version = "HTTP/1.1"
 
   def log_message(self, fmt, *args):  # the per-request line is written by _log_request
@@ -108,6 +111,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def do_POST(self):
     path = self.path.split("?")[0].rstrip("/")
+    session = ""
+    if path.startswith("/sessions/"):
+      session, _, rest = path[len("/sessions/"):].partition("/")
+      path = "/" + rest
+    self._session = session
     try:
       length = int(self.headers.get("Content-Length") or 0)
       body = json.loads(self.rfile.read(length) or b"{}")
@@ -142,6 +150,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if job.error is not None:
       self._send(500, protocol.error(f"generation failed: {job.error}", "server_error"))
       return 500
+    self._record(req, job)
     self._send(200, protocol.render_response(req, job.result, self.ctx))
     return 200
 
@@ -189,6 +198,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
               choice["message"]["tool_calls"])]
         last["token_ids"], last["version"] = choice["token_ids"], choice["version"]
         event([last])
+      self._record(req, job)
       if req.include_usage:
         event([], usage=final["usage"])
       self.wfile.write(b"data: [DONE]\n\n")
@@ -197,6 +207,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     except (BrokenPipeError, ConnectionResetError):
       self.engine.cancel(job)
       return "disconnected"
+
+  def _record(self, req, job):
+    """Hands the call to the recorder before the client sees the answer."""
+    if self.recorder is not None:
+      self.recorder(self._session, req, job.result)
 
   def _event(self, payload):
     self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")

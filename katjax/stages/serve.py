@@ -7,6 +7,8 @@
 `katjax.model.from_hf`), a `.gguf` file, or "" for random weights of `config.model` (smoke
 tests). Binds to 127.0.0.1 unless `config.serve.host` says otherwise.
 `config.serve.duration_s > 0` stops the server after that many seconds (tests, demos).
+`config.serve.max_len` 0 (the default) serves the model's own context (`max_position_embeddings`
+of a Hugging Face folder, `<arch>.context_length` of a GGUF file; 2048 for random weights).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from katjax.model.config import ModelConfig
 from katjax.stages.common import make_tokenizer
 
 DEFAULTS = dict(checkpoint="", host="127.0.0.1", port=8000, model_name="katjax",
-                max_len=2048, max_batch=16, max_queue=64, chunk=32, duration_s=0.0, seed=0)
+                max_len=0, max_batch=16, max_queue=64, chunk=32, duration_s=0.0, seed=0)
 
 
 def run(config, workdir: str) -> dict:
@@ -39,7 +41,8 @@ def run(config, workdir: str) -> dict:
   if "mesh" in config and jax.device_count() > 1:
     from katjax.parallel import make_mesh
     mesh = make_mesh(**dict(config.mesh))
-  sampler = Sampler(cfg, params, max_len=opts["max_len"], tokenizer=tokenizer, mesh=mesh,
+  max_len = opts["max_len"] or _context(opts["checkpoint"])
+  sampler = Sampler(cfg, params, max_len=max_len, tokenizer=tokenizer, mesh=mesh,
                     max_batch=opts["max_batch"], chunk=opts["chunk"])
   server = serve(sampler, tokenizer, host=opts["host"], port=opts["port"],
                  model_name=opts["model_name"], max_batch=opts["max_batch"],
@@ -60,6 +63,23 @@ def run(config, workdir: str) -> dict:
     server.close()
   print(f"[serve] stopped: {stats}")
   return {"url": server.url, "stats": stats}
+
+
+def _context(ckpt) -> int:
+  """The model's own context length (2048 when the checkpoint does not say)."""
+  try:
+    if ckpt.endswith(".gguf"):
+      from gguf import GGUFReader
+      fields = GGUFReader(ckpt).fields
+      arch = bytes(fields["general.architecture"].parts[-1]).decode()
+      return int(fields[f"{arch}.context_length"].parts[-1][0])
+    if ckpt:
+      import json
+      with open(os.path.join(ckpt, "config.json")) as f:
+        return int(json.load(f)["max_position_embeddings"])
+  except (KeyError, OSError, ValueError):
+    pass
+  return 2048
 
 
 def _load(config, opts):
