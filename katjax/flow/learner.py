@@ -50,7 +50,9 @@ class TreeLearner:
     self.state, metrics = self._step(self.state, arrays)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics.update(kept_tokens=float(info["kept_tokens"]), tree_tokens=float(info["tokens"]))
-    return self.state.params, metrics
+    # A copy for the engine: the next step donates the state's buffers while the engine may
+    # still hold these weights (it applies them at its next chunk boundary).
+    return jax.tree.map(jax.numpy.copy, self.state.params), metrics
 
 
 def with_advantages(group) -> list:

@@ -27,6 +27,7 @@ import dataclasses
 import itertools
 import threading
 import time
+import zlib
 
 import numpy as np
 
@@ -45,13 +46,15 @@ class FlowConfig:
   steps: int = 4
   rollout_slots: int = 8  # episodes running at once
   train_retries: int = 2
+  max_failed_episodes: int = 32  # more failures in a row end the run (a broken engine/env)
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"flow mode must be one of {MODES}, got {self.mode!r}")
     if self.eta < 0:
       raise ValueError(f"flow eta (staleness bound) must be >= 0, got {self.eta}")
-    for name in ("group_size", "groups_per_step", "steps", "rollout_slots"):
+    for name in ("group_size", "groups_per_step", "steps", "rollout_slots",
+                 "max_failed_episodes"):
       if getattr(self, name) < 1:
         raise ValueError(f"flow {name} must be >= 1, got {getattr(self, name)}")
 
@@ -76,30 +79,38 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
   stop = threading.Event()
   wake = threading.Condition()
   counters = collections.Counter()
+  failures = []  # the errors of the current run of consecutive failed episodes
 
   def episode(task, session, seed):
     try:
       reward, info = episode_fn(task, RecordingBackend(engine, manager, session), seed)
       manager.finish(session, reward, info)
-    except Exception:  # noqa: BLE001 - a dead agent is counted and its task rescheduled
+      failures.clear()
+    except Exception as e:  # noqa: BLE001 - a dead agent is counted and its task rescheduled
       counters["failed_episodes"] += 1
+      failures.append(e)
       if session in manager.sessions:
         state.requeue(manager.abort(session))
     with wake:
       wake.notify_all()
+
+  def check_failures():
+    if len(failures) >= cfg.max_failed_episodes:
+      raise RuntimeError(f"run_flow: {len(failures)} episodes failed in a row (last: "
+                         f"{failures[-1]!r})") from failures[-1]
 
   def feeder():
     while not stop.is_set():
       with wake:
         while not stop.is_set() and not manager.can_admit(cfg.group_size):
           wake.wait(0.05)
-      if stop.is_set():
+      if stop.is_set() or len(failures) >= cfg.max_failed_episodes:
         return
       task, key = state.next()
       sessions = [f"{key}/{g}" for g in range(cfg.group_size)]
       manager.start_group(key, sessions)
       for g, s in enumerate(sessions):
-        sched.submit("rollout", episode, task, s, hash((key, g)) % (2**31))
+        sched.submit("rollout", episode, task, s, zlib.crc32(s.encode()) % (2**31))
 
   t0 = time.monotonic()
   thread = threading.Thread(target=feeder, daemon=True, name="katjax-flow-feeder")
@@ -110,6 +121,7 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
       w0 = time.monotonic()
       taken = manager.take_batch()
       while taken is None:
+        check_failures()
         with wake:
           wake.wait(0.02)
         taken = manager.take_batch()

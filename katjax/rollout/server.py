@@ -77,7 +77,9 @@ def serve(backend: Sampler | Engine, tokenizer, *, host: str = "127.0.0.1", port
   class Handler(_Handler):
     pass
 
-  Handler.engine, Handler.ctx, Handler.recorder = engine, ctx, recorder
+  Handler.engine, Handler.ctx = engine, ctx
+  # staticmethod: a plain function stored on the class would be bound to the handler.
+  Handler.recorder = None if recorder is None else staticmethod(recorder)
   httpd = http.server.ThreadingHTTPServer((host, port), Handler)
   httpd.daemon_threads = True
   if block:

@@ -112,3 +112,12 @@ def test_bad_config():
     FlowConfig(eta=-1)
   with pytest.raises(ValueError, match="mode"):
     FlowConfig(mode="later")
+
+
+def test_a_broken_engine_ends_the_run_instead_of_retrying_forever():
+  def broken(task, backend, seed):
+    raise RuntimeError("engine closed")
+
+  with pytest.raises(RuntimeError, match="failed in a row"):
+    run_flow(FlowConfig(group_size=2, groups_per_step=1, steps=1, max_failed_episodes=4),
+             engine=StubEngine(), tasks=[0, 1], episode_fn=broken, learner=StubLearner())
