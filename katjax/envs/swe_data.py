@@ -20,7 +20,9 @@ import re
 import shlex
 import subprocess
 
-from katjax.envs.swe_grade import diff_files, is_test_path, parse_pytest_log
+from katjax.envs.swe_diff import diff_files
+from katjax.envs.swe_grade import is_test_path
+from katjax.envs.swe_parsers import parse_pytest_log
 
 __all__ = ["curate", "split_diff", "synthesize", "mutations", "seed_tasks", "MINI_REPO"]
 

@@ -18,7 +18,6 @@ runs leave nothing behind. The image is built locally by launch/images/build_bas
 from __future__ import annotations
 
 import atexit
-import base64
 import io
 import logging
 import os
@@ -158,12 +157,34 @@ class DockerSandbox(Sandbox):
       raise SandboxError(f"could not write {path} into the container")
 
   def read_file(self, path: str, max_bytes: int = 1 << 20) -> str:
+    # Through the archive API, not exec output: a file is never cut by the output cap.
     rel = check_relpath(path)
-    out, code, _ = self.exec(f"test -f {shlex.quote(rel)} && head -c {int(max_bytes)} "
-                             f"{shlex.quote(rel)} | base64 -w0", timeout=30)
-    if code != 0:
-      raise FileNotFoundError(f"no such file in sandbox: {path}")
-    return base64.b64decode(out.strip()).decode("utf-8", "replace")
+    import docker  # imported lazily: the SDK is only needed for this backend
+    try:
+      stream, stat = self.container.get_archive(f"{WORKDIR}/{rel}")
+    except docker.errors.NotFound:
+      raise FileNotFoundError(f"no such file in sandbox: {path}") from None
+    except docker.errors.APIError as e:
+      raise SandboxError(f"could not read {path} from the container: {e}") from e
+    if stat.get("mode", 0) & (1 << 31):  # os.ModeDir in Go's FileMode
+      raise FileNotFoundError(f"not a file in sandbox: {path}")
+    buf = io.BytesIO()
+    for chunk in stream:
+      buf.write(chunk)
+      if buf.tell() > max_bytes + (1 << 20):  # tar headers are small; stop reading early
+        break
+    buf.seek(0)
+    try:
+      with tarfile.open(fileobj=buf, mode="r|") as tar:
+        for member in tar:
+          if not member.isfile():
+            raise FileNotFoundError(f"not a regular file in sandbox: {path}")
+          data = tar.extractfile(member).read(max_bytes)
+          return data.decode("utf-8", "replace")
+    except tarfile.ReadError:  # the stream was cut at max_bytes: decode what arrived
+      pass
+    raw = buf.getvalue()[512:512 + max_bytes]
+    return raw.decode("utf-8", "replace")
 
   def upload_dir(self, src: str, dest: str = ".") -> None:
     if not os.path.isdir(src):
@@ -189,6 +210,19 @@ class DockerSandbox(Sandbox):
       return
     self._closed = True
     _remove(self.container, self.volume)
+
+  def reset(self) -> None:
+    """Kills every process of the command uid and empties /work and /tmp (pool reuse)."""
+    if self._closed:
+      raise ValueError("reset on a closed sandbox")
+    self._kill_user_processes()
+    # As the command uid, which owns all it made (root here lacks CAP_DAC_OVERRIDE).
+    code, out = self.container.exec_run(
+      ["bash", "-c", "chmod -R u+rwX /work /tmp 2>/dev/null; "
+       "find /work /tmp -mindepth 1 -delete 2>/dev/null; test -z \"$(ls -A /work)\""],
+      user=self.user)
+    if code != 0:
+      raise SandboxError(f"could not reset the sandbox: {out[-300:]!r}")
 
   # -- helpers ---------------------------------------------------------------------------
 
