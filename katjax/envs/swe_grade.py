@@ -33,7 +33,7 @@ from katjax.envs.swe_parsers import LOG_PARSERS, PASSING, parse_pytest_log, regi
 
 __all__ = ["grade", "parse_pytest_log", "register_log_parser", "LOG_PARSERS", "diff_files",
            "is_test_path", "test_ids", "default_test_cmd", "TaskError", "checkout",
-           "apply_patch", "LOG_LIMIT", "DEFAULT_TIMEOUT"]
+           "apply_patch", "run_logged", "LOG_LIMIT", "DEFAULT_TIMEOUT"]
 
 LOG_LIMIT = 64 << 20  # bytes of test log read back; a larger log is an error, never cut
 DEFAULT_TIMEOUT = 300.0  # seconds for the test command when neither task nor caller says
@@ -116,8 +116,9 @@ def grade(task: dict, patch: str, make_sandbox: Callable, repo_dir: str,
       if err:
         info["error"] = f"test_patch does not apply: {err}"
         return False, info
-    log, timed_out = _run_tests(sb, task.get("test_cmd") or default_test_cmd(task), timeout,
-                                info)
+    run = run_logged(sb, task.get("test_cmd") or default_test_cmd(task), timeout)
+  log, timed_out = run["log"], run["timed_out"]
+  info.update((k, run[k]) for k in ("exit_code", "error", "log_bytes", "log_tail") if k in run)
   if log is None:
     return False, info
   statuses = parser(log)
@@ -141,37 +142,44 @@ def grade(task: dict, patch: str, make_sandbox: Callable, repo_dir: str,
   return all_pass and info["exit_code"] == 0, info
 
 
-def _run_tests(sb, cmd: str, timeout: float, info: dict) -> tuple[str | None, bool]:
-  """Runs `cmd` with its whole output in a log file; (marked log or None, timed out)."""
+def run_logged(sb, cmd: str, timeout: float) -> dict:
+  """Runs `cmd` in `sb` with its whole output in a log file read back afterwards.
+
+  Returns {"log": text between the markers or None, "exit_code", "timed_out", "error",
+  "log_bytes", "log_tail"}: the log is never cut by the sandbox's interactive output cap.
+  """
+  res = {"log": None, "exit_code": None, "timed_out": False, "error": None}
   nonce = uuid.uuid4().hex
   start, end = f">>>>> START TEST OUTPUT {nonce}", f">>>>> END TEST OUTPUT {nonce}"
   script, log_path = f".git/katjax-test-{nonce}.sh", f".git/katjax-test-{nonce}.log"
   sb.write_file(script, f"{cmd}\n")
-  out, code, timed_out = sb.exec(
+  out, code, res["timed_out"] = sb.exec(
     f"{{ echo {shlex.quote(start)}; bash {script}; rc=$?; echo; echo {shlex.quote(end)} $rc; }}"
     f" > {log_path} 2>&1", timeout=timeout)
   try:
     text = sb.read_file(log_path, max_bytes=LOG_LIMIT + 1)
   except FileNotFoundError:
-    info["error"] = f"the test command left no log (exit {code}): {out[-500:]}"
-    return None, timed_out
-  info["log_bytes"] = len(text.encode("utf-8", "replace"))
-  if info["log_bytes"] > LOG_LIMIT:
-    info["error"] = f"test log exceeds {LOG_LIMIT} bytes; not graded"
-    return None, timed_out
+    res["error"] = f"the test command left no log (exit {code}): {out[-500:]}"
+    return res
+  res["log_bytes"] = len(text.encode("utf-8", "replace"))
+  if res["log_bytes"] > LOG_LIMIT:
+    res["error"] = f"test log exceeds {LOG_LIMIT} bytes; not graded"
+    return res
   begin = text.find(start + "\n")
   m = None
   for m in re.finditer(re.escape(end) + r" (\d+)$", text, flags=re.M):
     pass  # the last end marker: the real one follows everything the tests printed
-  if begin < 0 or (m is None and not timed_out):
-    info["error"] = ("test output markers not found (the test command did not run to "
-                     f"completion; exit {code})")
-    info["log_tail"] = text[-2000:]
-    return None, timed_out
+  if begin < 0 or (m is None and not res["timed_out"]):
+    res["error"] = ("test output markers not found (the test command did not run to "
+                    f"completion; exit {code})")
+    res["log_tail"] = text[-2000:]
+    return res
   if m is None:  # timed out: what was logged before the kill still tells which tests ran
-    return text[begin + len(start) + 1:], True
-  info["exit_code"] = int(m.group(1))
-  return text[begin + len(start) + 1:m.start()], timed_out
+    res["log"] = text[begin + len(start) + 1:]
+    return res
+  res["exit_code"] = int(m.group(1))
+  res["log"] = text[begin + len(start) + 1:m.start()]
+  return res
 
 
 def _pytest_footer_ok(log: str, ids: list[str]) -> bool:
