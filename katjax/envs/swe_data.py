@@ -8,7 +8,11 @@
     operator, drop or negate a branch, off-by-one, swap call arguments), keep the mutation if some tests pass before and
     fail after (FAIL_TO_PASS) while others pass in both (PASS_TO_PASS); the buggy tree is
     committed as base_commit, the gold patch is the reverse diff, the issue text is written
-    from the failing tests. `seed_tasks(root)` does this for the package's own mini repo.
+    from the failing tests. `seed_tasks(root)` does this for the package's own mini repo;
+    `katjax.envs.swe_real` does it for real libraries' source distributions.
+(c) `python -m katjax.envs.swe_data validate TASKS.jsonl --sandbox=local|docker` grades every
+    task with its gold patch and with no patch and reports the broken ones (`validate`);
+    `... build SDIST.tar.gz ... --out DIR` makes a task set (`swe_real`).
 """
 
 from __future__ import annotations
@@ -285,10 +289,11 @@ def validate(tasks: list[dict], backend: str = "local", jobs: int = 2, timeout: 
   from katjax.sandbox.pool import SandboxPool
 
   def one(task):
-    row = {"instance_id": task.get("instance_id"), "gold": False, "empty": False,
-           "reason": None}
+    row = {"instance_id": getattr(task, "instance_id", None) if isinstance(task, Exception)
+           else task.get("instance_id"), "gold": False, "empty": False, "reason": None}
     try:
-      task = materialize([task], data_dir or DATA_DIR)[0]
+      if isinstance(task, Exception):
+        raise task
       repo = resolve_repo(task)
       for key, patch in (("gold", task.get("patch") or ""), ("empty", "")):
         row[key], info = grade(task, patch, pool.lease, repo, timeout=timeout)
@@ -303,6 +308,14 @@ def validate(tasks: list[dict], backend: str = "local", jobs: int = 2, timeout: 
         + (f"  ({row['reason']})" if row["reason"] else ""))
     return row
 
+  def prepare(task):  # the repositories first, one at a time (they are git checkouts)
+    try:
+      return materialize([task], data_dir or DATA_DIR)[0]
+    except TaskError as e:
+      e.instance_id = task.get("instance_id")
+      return e
+
+  tasks = [prepare(t) for t in tasks]
   with SandboxPool(backend, size=jobs) as pool, \
       concurrent.futures.ThreadPoolExecutor(jobs) as ex:
     rows = list(ex.map(one, tasks))

@@ -22,6 +22,7 @@ mismatch is reported as a broken task).
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import threading
 
 from katjax.envs.swe_diff import diff_stats
 from katjax.envs.swe_grade import TaskError, is_test_path, run_logged
@@ -42,6 +44,7 @@ __all__ = ["pack_sdist", "build_tasks", "materialize", "load_tasks", "DATA_DIR"]
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data", "swe_tasks")
 _KEEP_EXT = (".py", ".cfg", ".toml", ".ini", ".txt")
 _SKIP_DIRS = ("docs", "doc", "examples", "benchmarks", "bench")
+_LOCK = threading.Lock()
 SUITE_CMD = "COLUMNS=160 python3 -m pytest -rA -p no:cacheprovider -q"
 
 
@@ -128,6 +131,14 @@ def materialize(tasks: list[dict], data_dir: str = DATA_DIR,
   """
   cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "katjax-swe-repos")
   os.makedirs(cache_dir, exist_ok=True)
+  # Commits are made in shared checkouts: one materialize at a time per cache directory,
+  # across threads (the lock) and processes (flock).
+  with _LOCK, open(os.path.join(cache_dir, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return _materialize(tasks, data_dir, cache_dir)
+
+
+def _materialize(tasks, data_dir, cache_dir):
   out = []
   for task in tasks:
     tar = task.get("repo_tarball")
@@ -142,10 +153,8 @@ def materialize(tasks: list[dict], data_dir: str = DATA_DIR,
       tmp = repo + f".tmp{os.getpid()}"
       shutil.rmtree(tmp, ignore_errors=True)
       _extract_repo(tar_path, tmp)
-      try:
-        os.rename(tmp, repo)
-      except OSError:  # another process built it first
-        shutil.rmtree(tmp, ignore_errors=True)
+      shutil.rmtree(repo, ignore_errors=True)  # a half-built leftover without .git
+      os.rename(tmp, repo)
     base = task["base_commit"]
     if subprocess.run(["git", "-C", repo, "cat-file", "-e", f"{base}^{{commit}}"],
                       capture_output=True).returncode != 0:

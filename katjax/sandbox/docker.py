@@ -105,9 +105,12 @@ class DockerSandbox(Sandbox):
       raise ValueError(f"timeout must be positive, got {timeout}")
     # stderr joins stdout inside the container so the two keep their order (docker's
     # multiplexed streams do not). `ulimit -u` keeps a fork bomb below the container's PID
-    # limit so cleanup can still start; see `_finish` for how background jobs are ended.
+    # limit so cleanup can still start. `timeout` makes the command a process group of its
+    # own: when the command ends, the wrapper kills that group, so its background jobs end
+    # with it in the same exec (no second round trip); see `_finish` for timeouts.
     argv = ["bash", "-c", f"ulimit -u {self.nproc} 2>/dev/null; "
-            f"exec timeout -s KILL {timeout:g} bash -c \"$1\" 2>&1", "sandbox", cmd]
+            f"timeout -s KILL {timeout:g} bash -c \"$1\" 2>&1 & tp=$!; wait $tp; rc=$?; "
+            "kill -9 -- -$tp 2>/dev/null; exit $rc", "sandbox", cmd]
     cap, code, start = OutputCap(self.output_limit), None, time.monotonic()
     api = self.client.api
     with self._inflight_lock:
@@ -144,16 +147,23 @@ class DockerSandbox(Sandbox):
   def write_file(self, path: str, content: str | bytes) -> None:
     rel = check_relpath(path)
     data = content.encode() if isinstance(content, str) else content
-    parent = os.path.dirname(rel)
-    if parent:
-      self._run_checked(f"mkdir -p {shlex.quote(parent)}")
-    buf = io.BytesIO()
+    # One archive call: the parents travel as directory entries owned by the command uid.
+    buf, now = io.BytesIO(), time.time()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-      info = tarfile.TarInfo(os.path.basename(rel))
-      info.size, info.mode, info.mtime = len(data), 0o644, time.time()
+      parts = rel.split("/")
+      for i in range(1, len(parts)):
+        d = tarfile.TarInfo("/".join(parts[:i]))
+        d.type, d.mode, d.mtime, d.uid, d.gid = tarfile.DIRTYPE, 0o755, now, self.uid, self.uid
+        tar.addfile(d)
+      info = tarfile.TarInfo(rel)
+      info.size, info.mode, info.mtime = len(data), 0o644, now
       info.uid = info.gid = self.uid
       tar.addfile(info, io.BytesIO(data))
-    if not self.container.put_archive(f"{WORKDIR}/{parent}".rstrip("/"), buf.getvalue()):
+    try:
+      ok = self.container.put_archive(WORKDIR, buf.getvalue())
+    except Exception as e:  # noqa: BLE001 - e.g. a parent that is a file
+      raise SandboxError(f"could not write {path} into the container: {e}") from e
+    if not ok:
       raise SandboxError(f"could not write {path} into the container")
 
   def read_file(self, path: str, max_bytes: int = 1 << 20) -> str:
@@ -238,18 +248,11 @@ class DockerSandbox(Sandbox):
     # process runs as another uid). Commands running concurrently are left alone.
     with self._inflight_lock:
       self._inflight -= 1
-      if self._inflight:
+      if self._inflight or not privileged:  # a normal end: the wrapper killed the group
         return
-      if privileged:  # after a timeout: also reaches a fork bomb at its process limit
-        self._kill_user_processes()
-        return
-      try:
-        exec_id = self.client.api.exec_create(
-          self.container.id, ["bash", "-c", "kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null"],
-          user=self.user)
-        self.client.api.exec_start(exec_id["Id"])
-      except Exception:
-        self._kill_user_processes()
+      # After a timeout or a kill: every process of the command uid, which also reaches a
+      # fork bomb at its process limit and jobs that left the group (setsid).
+      self._kill_user_processes()
 
   def _kill_user_processes(self) -> None:
     # Root with CAP_KILL (the one root capability besides CHOWN; the command uid has none)
