@@ -112,6 +112,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
   parser.add_argument("--rounds", type=int, default=2,
                       help="episodes per measurement = rounds x concurrency")
+  parser.add_argument("--episodes", type=int, default=0,
+                      help="episodes per measurement (at least the concurrency); overrides --rounds")
   parser.add_argument("--turns", type=int, default=10, help="bash turns per episode")
   parser.add_argument("--think", type=float, default=1.0,
                       help="simulated model latency per turn, seconds")
@@ -128,9 +130,9 @@ def main(argv=None) -> dict:
         if not ok:
           result["docker"], result["docker_skipped"] = None, why
           continue
-      result[backend] = {str(c): episode_throughput(backend, task, c, args.rounds * c,
-                                                    args.turns, args.think)
-                         for c in args.concurrency}
+      result[backend] = {str(c): episode_throughput(
+        backend, task, c, max(c, args.episodes) if args.episodes else args.rounds * c,
+        args.turns, args.think) for c in args.concurrency}
   for backend in args.backends:
     runs = result.get(backend) or {}
     lo, hi = str(min(args.concurrency)), str(max(args.concurrency))
