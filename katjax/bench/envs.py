@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--rounds", type=int, default=2,
                       help="episodes per measurement = rounds x concurrency")
   parser.add_argument("--episodes", type=int, default=0,
-                      help="episodes per measurement (at least the concurrency); overrides --rounds")
+                      help="episodes per measurement (>= concurrency); overrides --rounds")
   parser.add_argument("--turns", type=int, default=10, help="bash turns per episode")
   parser.add_argument("--think", type=float, default=1.0,
                       help="simulated model latency per turn, seconds")

@@ -5,10 +5,10 @@
     is split into `patch` (source) and `test_patch` (tests). FAIL_TO_PASS / PASS_TO_PASS are
     left empty: they come from running the tests (`validate` in a sandbox), not from metadata.
 (b) `synthesize(repo_dir, ...)`: mutate one function of a Python repo with tests (flip an
-    operator, drop or negate a branch, off-by-one, swap call arguments), keep the mutation if some tests pass before and
-    fail after (FAIL_TO_PASS) while others pass in both (PASS_TO_PASS); the buggy tree is
-    committed as base_commit, the gold patch is the reverse diff, the issue text is written
-    from the failing tests. `seed_tasks(root)` does this for the package's own mini repo;
+    operator, drop or negate a branch, off-by-one, swap call arguments), keep the mutation
+    if some tests pass before and fail after (FAIL_TO_PASS) while others pass in both
+    (PASS_TO_PASS); the buggy tree is committed as base_commit, the gold patch is the
+    reverse diff, the issue text is written from the failing tests. `seed_tasks(root)` does this for the package's own mini repo;
     `katjax.envs.swe_real` does it for real libraries' source distributions.
 (c) `python -m katjax.envs.swe_data validate TASKS.jsonl --sandbox=local|docker` grades every
     task with its gold patch and with no patch and reports the broken ones (`validate`);

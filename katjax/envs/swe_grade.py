@@ -138,7 +138,8 @@ def grade(task: dict, patch: str, make_sandbox: Callable, repo_dir: str,
     info["error"] = f"log shows all tests passing but the test command exited {info['exit_code']}"
   if not all_pass and info["error"] is None:
     bad = [t for t in f2p + p2p if info["tests"][t] not in PASSING]
-    info["error"] = f"{len(bad)} listed tests did not pass (first: {bad[0]} {info['tests'][bad[0]]})"
+    first = f"{bad[0]} {info['tests'][bad[0]]}"
+    info["error"] = f"{len(bad)} listed tests did not pass (first: {first})"
   return all_pass and info["exit_code"] == 0, info
 
 

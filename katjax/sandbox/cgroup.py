@@ -22,7 +22,7 @@ import signal
 import time
 import uuid
 
-__all__ = ["MemoryCgroup", "available"]
+__all__ = ["MemoryCgroup", "available", "sweep"]
 
 V1_ROOT = "/sys/fs/cgroup/memory"
 V2_ROOT = "/sys/fs/cgroup"
@@ -30,13 +30,43 @@ PARENT = "katjax"
 
 
 def available() -> bool:
-  """True when this process can create memory cgroups (probed by making and removing one)."""
+  """True when this process can create memory cgroups (probed by making and removing one).
+
+  Also removes the cgroups of sandboxes whose owner process is gone (a crashed run).
+  """
   try:
     cg = MemoryCgroup(64 << 20)
   except OSError:
     return False
   cg.remove()
+  sweep()
   return True
+
+
+def sweep() -> int:
+  """Removes `sbx-<pid>-*` cgroups whose owner pid is dead; how many were removed."""
+  removed = 0
+  for root in (V1_ROOT, V2_ROOT):
+    parent = os.path.join(root, PARENT)
+    if not os.path.isdir(parent):
+      continue
+    for name in os.listdir(parent):
+      parts = name.split("-")
+      if len(parts) != 3 or parts[0] != "sbx" or not parts[1].isdigit():
+        continue
+      try:
+        os.kill(int(parts[1]), 0)
+        continue  # owner alive
+      except ProcessLookupError:
+        pass
+      except PermissionError:
+        continue
+      cg = object.__new__(MemoryCgroup)
+      cg.path = os.path.join(parent, name)
+      cg.procs_file = os.path.join(cg.path, "cgroup.procs")
+      cg.remove()
+      removed += 1
+  return removed
 
 
 class MemoryCgroup:
