@@ -179,10 +179,13 @@ class DockerSandbox(Sandbox):
     if stat.get("mode", 0) & (1 << 31):  # os.ModeDir in Go's FileMode
       raise FileNotFoundError(f"not a file in sandbox: {path}")
     buf = io.BytesIO()
-    for chunk in stream:
-      buf.write(chunk)
-      if buf.tell() > max_bytes + (1 << 20):  # tar headers are small; stop reading early
-        break
+    try:
+      for chunk in stream:
+        buf.write(chunk)
+        if buf.tell() > max_bytes + (1 << 20):  # tar headers are small; stop reading early
+          break
+    finally:
+      getattr(stream, "close", lambda: None)()  # the HTTP response, when cut short
     buf.seek(0)
     try:
       with tarfile.open(fileobj=buf, mode="r|") as tar:
