@@ -9,6 +9,11 @@ Tools: `bash(command)`, `view(path, start_line, end_line)`, `edit(path, old_str,
 (exact, unique replacement; empty old_str creates the file), `submit()`. The submission is
 the working tree's diff against base_commit; `evaluate` grades it in a fresh sandbox
 (`swe_grade.grade`), so nothing the agent left running can influence the tests.
+
+With `pool=SandboxPool(...)` (katjax.sandbox.pool) the episode's sandbox and the grading
+sandbox are leased from warm, reset sandboxes instead of being started and torn down each
+time; the pool's size bounds how many run at once and further episodes queue. The test
+time limit is the task's `timeout` field, else `test_timeout`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ class SWEEnv(Environment):
 
   def __init__(self, backend: str = "local", repos_dir: str | None = None,
                command_timeout: float = 60.0, test_timeout: float = 300.0,
-               sandbox_options: dict | None = None, system_prompt: str = SYSTEM_PROMPT):
+               sandbox_options: dict | None = None, system_prompt: str = SYSTEM_PROMPT,
+               pool=None):
     super().__init__()
     from katjax.sandbox import BACKENDS
     if backend not in BACKENDS:
@@ -44,6 +50,10 @@ class SWEEnv(Environment):
     self.backend, self.repos_dir = backend, repos_dir
     self.command_timeout, self.test_timeout = command_timeout, test_timeout
     self.sandbox_options = dict(sandbox_options or {})
+    self.pool = pool
+    if pool is not None and pool.backend != backend:
+      raise ValueError(f"pool backend {pool.backend!r} differs from backend {backend!r}")
+    self._lease = None
     self.system_prompt = system_prompt
     self.task: dict | None = None
     self.sandbox = None
@@ -59,7 +69,11 @@ class SWEEnv(Environment):
     repo_dir = resolve_repo(task, self.repos_dir)
     self.close()
     self.task, self.repo_dir, self.submission, self.done = task, repo_dir, None, False
-    self.sandbox = self._new_sandbox()
+    if self.pool is not None:
+      self._lease = self.pool.lease()
+      self.sandbox = self._lease.__enter__()
+    else:
+      self.sandbox = self._new_sandbox()
     from katjax.envs.swe_grade import checkout
     err = checkout(self.sandbox, repo_dir, task["base_commit"])
     if err:
@@ -139,6 +153,8 @@ class SWEEnv(Environment):
         patch = self.current_diff() if self.sandbox is not None else ""
       except ToolError:
         patch = ""
+    if self.pool is not None:  # hand the episode's sandbox back before leasing one to grade
+      self.close()
     return self.grade(patch)
 
   def grade(self, patch: str) -> tuple[float, dict]:
@@ -149,6 +165,9 @@ class SWEEnv(Environment):
     return float(resolved), info
 
   def close(self):
+    if self._lease is not None:
+      lease, self._lease, self.sandbox = self._lease, None, None
+      lease.__exit__(None, None, None)
     if self.sandbox is not None:
       self.sandbox.close()
       self.sandbox = None
@@ -160,8 +179,8 @@ class SWEEnv(Environment):
     return make_sandbox(self.backend, **{**self.sandbox_options, **extra})
 
   def _grading_sandbox(self):
-    # A large output cap: the pytest summary sits at the end of long logs.
-    return self._new_sandbox(output_limit=max(self.sandbox_options.get("output_limit", 0), 1 << 20))
+    # The test log comes back through a file, not the output cap (swe_grade).
+    return self.pool.lease() if self.pool is not None else self._new_sandbox()
 
   def _sb(self):
     if self.sandbox is None:

@@ -5,10 +5,14 @@
     is split into `patch` (source) and `test_patch` (tests). FAIL_TO_PASS / PASS_TO_PASS are
     left empty: they come from running the tests (`validate` in a sandbox), not from metadata.
 (b) `synthesize(repo_dir, ...)`: mutate one function of a Python repo with tests (flip an
-    operator, drop a branch, off-by-one), keep the mutation if some tests pass before and
-    fail after (FAIL_TO_PASS) while others pass in both (PASS_TO_PASS); the buggy tree is
-    committed as base_commit, the gold patch is the reverse diff, the issue text is written
-    from the failing tests. `seed_tasks(root)` does this for the package's own mini repo.
+    operator, drop or negate a branch, off-by-one, swap call arguments), keep the mutation
+    if some tests pass before and fail after (FAIL_TO_PASS) while others pass in both
+    (PASS_TO_PASS); the buggy tree is committed as base_commit, the gold patch is the
+    reverse diff, the issue text is written from the failing tests. `seed_tasks(root)` does this for the package's own mini repo;
+    `katjax.envs.swe_real` does it for real libraries' source distributions.
+(c) `python -m katjax.envs.swe_data validate TASKS.jsonl --sandbox=local|docker` grades every
+    task with its gold patch and with no patch and reports the broken ones (`validate`);
+    `... build SDIST.tar.gz ... --out DIR` makes a task set (`swe_real`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import re
 import shlex
 import subprocess
 
-from katjax.envs.swe_grade import diff_files, is_test_path, parse_pytest_log
+from katjax.envs.swe_diff import diff_files
+from katjax.envs.swe_grade import is_test_path
+from katjax.envs.swe_parsers import parse_pytest_log
 
 __all__ = ["curate", "split_diff", "synthesize", "mutations", "seed_tasks", "MINI_REPO"]
 
@@ -99,8 +105,20 @@ def mutations(source: str) -> list[tuple[str, int, str]]:
       out.append(("off_by_one", node.lineno, _replace_line(lines, node.lineno, new)))
     if isinstance(node, ast.If) and node.test.lineno == node.test.end_lineno:
       line = lines[node.test.lineno - 1]
-      new = line[:node.test.col_offset] + "False" + line[node.test.end_col_offset:]
+      t0, t1 = node.test.col_offset, node.test.end_col_offset
+      new = line[:t0] + "False" + line[t1:]
       out.append(("drop_branch", node.lineno, _replace_line(lines, node.test.lineno, new)))
+      new = line[:t0] + f"not ({line[t0:t1]})" + line[t1:]
+      out.append(("negate_condition", node.lineno, _replace_line(lines, node.test.lineno, new)))
+    if (isinstance(node, ast.Call) and len(node.args) >= 2 and node.lineno == node.end_lineno
+        and not any(isinstance(a, ast.Starred) for a in node.args[:2])):
+      a, b = node.args[:2]
+      line = lines[node.lineno - 1]
+      sa, sb = line[a.col_offset:a.end_col_offset], line[b.col_offset:b.end_col_offset]
+      if sa != sb and a.end_col_offset <= b.col_offset:
+        new = line[:a.col_offset] + sb + line[a.end_col_offset:b.col_offset] + sa \
+          + line[b.end_col_offset:]
+        out.append(("swap_args", node.lineno, _replace_line(lines, node.lineno, new)))
   return sorted(out, key=lambda m: (m[1], m[0], m[2]))
 
 
@@ -253,3 +271,110 @@ def test_fib():
     assert [fib(i) for i in range(7)] == [0, 1, 1, 2, 3, 5, 8]
 ''',
 }
+
+
+# -- command line ----------------------------------------------------------------------------
+
+def validate(tasks: list[dict], backend: str = "local", jobs: int = 2, timeout: float = 300.0,
+             data_dir: str | None = None, log=print) -> dict:
+  """Grades every task with its gold patch and with no patch (see `main`); a summary dict.
+
+  A task is broken when its gold patch is not resolved or the empty patch is (or it cannot
+  be set up at all: missing repository, unappliable patch, gold patch touching tests).
+  """
+  import concurrent.futures
+  from katjax.envs.swe import resolve_repo
+  from katjax.envs.swe_grade import TaskError, grade
+  from katjax.envs.swe_real import DATA_DIR, materialize
+  from katjax.sandbox.pool import SandboxPool
+
+  def one(task):
+    row = {"instance_id": getattr(task, "instance_id", None) if isinstance(task, Exception)
+           else task.get("instance_id"), "gold": False, "empty": False, "reason": None}
+    try:
+      if isinstance(task, Exception):
+        raise task
+      repo = resolve_repo(task)
+      for key, patch in (("gold", task.get("patch") or ""), ("empty", "")):
+        row[key], info = grade(task, patch, pool.lease, repo, timeout=timeout)
+        if key == "gold" and not row[key]:
+          row["reason"] = f"gold not resolved: {info['error']}"
+      if row["empty"]:
+        row["reason"] = "the empty patch is graded resolved"
+    except (TaskError, KeyError) as e:
+      row["reason"] = f"{type(e).__name__}: {e}"
+    log(f"{row['instance_id']}: gold={'resolved' if row['gold'] else 'UNRESOLVED'} "
+        f"empty={'RESOLVED' if row['empty'] else 'unresolved'}"
+        + (f"  ({row['reason']})" if row["reason"] else ""))
+    return row
+
+  def prepare(task):  # the repositories first, one at a time (they are git checkouts)
+    try:
+      return materialize([task], data_dir or DATA_DIR)[0]
+    except TaskError as e:
+      e.instance_id = task.get("instance_id")
+      return e
+
+  tasks = [prepare(t) for t in tasks]
+  with SandboxPool(backend, size=jobs) as pool, \
+      concurrent.futures.ThreadPoolExecutor(jobs) as ex:
+    rows = list(ex.map(one, tasks))
+  n = len(rows)
+  broken = [r for r in rows if r["reason"] or not r["gold"] or r["empty"]]
+  return {"tasks": n, "backend": backend,
+          "gold_resolved": sum(r["gold"] for r in rows) / max(n, 1),
+          "empty_resolved": sum(r["empty"] for r in rows) / max(n, 1),
+          "broken": [{"instance_id": r["instance_id"], "reason": r["reason"] or
+                      ("gold not resolved" if not r["gold"] else "empty patch resolved")}
+                     for r in broken]}
+
+
+def main(argv=None) -> int:
+  """`python -m katjax.envs.swe_data {validate,build} ...`; see --help."""
+  import argparse
+  import json
+  parser = argparse.ArgumentParser(prog="python -m katjax.envs.swe_data",
+                                   description="SWE task validation and synthesis.")
+  sub = parser.add_subparsers(dest="cmd", required=True)
+  v = sub.add_parser("validate", help="grade every task with its gold patch and no patch; "
+                     "report tasks where gold is not resolved or no-patch is")
+  v.add_argument("tasks", help="JSONL file of SWE tasks")
+  v.add_argument("--sandbox", choices=("local", "docker"), default="local")
+  v.add_argument("--jobs", type=int, default=2, help="tasks graded at once (sandbox pool size)")
+  v.add_argument("--timeout", type=float, default=300.0, help="seconds per test run "
+                 "(a task's own `timeout` field wins)")
+  v.add_argument("--limit", type=int, default=0, help="only the first N tasks")
+  b = sub.add_parser("build", help="synthesise tasks from sdists (pip download --no-binary)")
+  b.add_argument("sdists", nargs="+", help="<name>-<version>.tar.gz source distributions")
+  b.add_argument("--out", required=True, help="directory for the tarballs and tasks.jsonl")
+  b.add_argument("--max-tasks", type=int, default=12, help="tasks per library")
+  b.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.cmd == "validate":
+    from katjax.envs.swe_real import load_tasks
+    tasks = load_tasks(args.tasks)
+    tasks = tasks[:args.limit] if args.limit else tasks
+    summary = validate(tasks, args.sandbox, args.jobs, args.timeout,
+                       data_dir=os.path.dirname(os.path.abspath(args.tasks)))
+    print(json.dumps(summary))
+    return 1 if summary["broken"] else 0
+  from katjax.envs.swe_real import build_tasks, pack_sdist
+  from katjax.sandbox import make_sandbox
+  os.makedirs(args.out, exist_ok=True)
+  tasks = []
+  for sdist in args.sdists:
+    tar = pack_sdist(sdist, args.out)
+    made = build_tasks(tar, lambda: make_sandbox("local"), max_tasks=args.max_tasks,
+                       seed=args.seed)
+    print(f"{os.path.basename(tar)}: {len(made)} tasks", flush=True)
+    tasks += made
+  import lzma
+  with lzma.open(os.path.join(args.out, "tasks.jsonl.xz"), "wt", preset=9) as f:
+    for t in tasks:
+      f.write(json.dumps(t, sort_keys=True) + "\n")
+  print(json.dumps({"tasks": len(tasks), "out": args.out}))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

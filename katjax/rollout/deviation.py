@@ -23,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import posixpath
-import re
 
 import jax
 import numpy as np
 
 from katjax.core import rft
 from katjax.envs.base import ToolCall, check_tool_call
+from katjax.envs.swe_diff import diff_files as patch_files  # one SWE diff parser
 
 __all__ = ["DeviationConfig", "Verdict", "DeviationMonitor", "truncate_after",
            "patch_files", "generated_ids", "tool_call_problems"]
@@ -204,15 +204,6 @@ def truncate_after(record, cut_index: int):
   if isinstance(record, np.ndarray):
     return masked
   return dataclasses.replace(record, loss_mask=masked)
-
-
-def patch_files(diff: str) -> list[str]:
-  """Paths a unified git diff changes (both sides of a rename; /dev/null skipped)."""
-  paths = []
-  for m in re.finditer(r"^(?:---|\+\+\+) (?:[ab]/)?(\S+)", diff, re.M):
-    if m.group(1) != "/dev/null" and m.group(1) not in paths:
-      paths.append(m.group(1))
-  return paths
 
 
 def generated_ids(tokens, loss_mask) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 A sandbox is a private writable working directory plus a way to run shell commands in it:
 `exec(cmd, timeout) -> (output, exit_code, timed_out)`, `write_file`, `read_file`,
-`upload_dir`, `close`. Paths given to the file methods are relative to the workdir;
-absolute paths and `..` escapes are refused (ValueError), so the host-side file API can
-never reach outside the sandbox even though it runs with the host's privileges.
+`upload_dir`, `reset` (reuse from a pool), `close`. Paths given to the file methods are
+relative to the workdir; absolute paths and `..` escapes are refused (ValueError), so the
+host-side file API can never reach outside the sandbox even though it runs with the host's
+privileges.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class Sandbox(abc.ABC):
   @abc.abstractmethod
   def close(self) -> None:
     """Kills everything and deletes the workdir. Safe to call twice."""
+
+  def reset(self) -> None:
+    """Kills every process of the sandbox and empties its workdir, keeping it open (pools)."""
+    raise NotImplementedError(f"{type(self).__name__} cannot be reset; close it instead")
 
   def __enter__(self):
     return self

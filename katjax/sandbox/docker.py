@@ -18,7 +18,6 @@ runs leave nothing behind. The image is built locally by launch/images/build_bas
 from __future__ import annotations
 
 import atexit
-import base64
 import io
 import logging
 import os
@@ -106,9 +105,12 @@ class DockerSandbox(Sandbox):
       raise ValueError(f"timeout must be positive, got {timeout}")
     # stderr joins stdout inside the container so the two keep their order (docker's
     # multiplexed streams do not). `ulimit -u` keeps a fork bomb below the container's PID
-    # limit so cleanup can still start; see `_finish` for how background jobs are ended.
+    # limit so cleanup can still start. `timeout` makes the command a process group of its
+    # own: when the command ends, the wrapper kills that group, so its background jobs end
+    # with it in the same exec (no second round trip); see `_finish` for timeouts.
     argv = ["bash", "-c", f"ulimit -u {self.nproc} 2>/dev/null; "
-            f"exec timeout -s KILL {timeout:g} bash -c \"$1\" 2>&1", "sandbox", cmd]
+            f"timeout -s KILL {timeout:g} bash -c \"$1\" 2>&1 & tp=$!; wait $tp; rc=$?; "
+            "kill -9 -- -$tp 2>/dev/null; exit $rc", "sandbox", cmd]
     cap, code, start = OutputCap(self.output_limit), None, time.monotonic()
     api = self.client.api
     with self._inflight_lock:
@@ -145,25 +147,57 @@ class DockerSandbox(Sandbox):
   def write_file(self, path: str, content: str | bytes) -> None:
     rel = check_relpath(path)
     data = content.encode() if isinstance(content, str) else content
-    parent = os.path.dirname(rel)
-    if parent:
-      self._run_checked(f"mkdir -p {shlex.quote(parent)}")
-    buf = io.BytesIO()
+    # One archive call: the parents travel as directory entries owned by the command uid.
+    buf, now = io.BytesIO(), time.time()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-      info = tarfile.TarInfo(os.path.basename(rel))
-      info.size, info.mode, info.mtime = len(data), 0o644, time.time()
+      parts = rel.split("/")
+      for i in range(1, len(parts)):
+        d = tarfile.TarInfo("/".join(parts[:i]))
+        d.type, d.mode, d.mtime, d.uid, d.gid = tarfile.DIRTYPE, 0o755, now, self.uid, self.uid
+        tar.addfile(d)
+      info = tarfile.TarInfo(rel)
+      info.size, info.mode, info.mtime = len(data), 0o644, now
       info.uid = info.gid = self.uid
       tar.addfile(info, io.BytesIO(data))
-    if not self.container.put_archive(f"{WORKDIR}/{parent}".rstrip("/"), buf.getvalue()):
+    try:
+      ok = self.container.put_archive(WORKDIR, buf.getvalue())
+    except Exception as e:  # noqa: BLE001 - e.g. a parent that is a file
+      raise SandboxError(f"could not write {path} into the container: {e}") from e
+    if not ok:
       raise SandboxError(f"could not write {path} into the container")
 
   def read_file(self, path: str, max_bytes: int = 1 << 20) -> str:
+    # Through the archive API, not exec output: a file is never cut by the output cap.
     rel = check_relpath(path)
-    out, code, _ = self.exec(f"test -f {shlex.quote(rel)} && head -c {int(max_bytes)} "
-                             f"{shlex.quote(rel)} | base64 -w0", timeout=30)
-    if code != 0:
-      raise FileNotFoundError(f"no such file in sandbox: {path}")
-    return base64.b64decode(out.strip()).decode("utf-8", "replace")
+    import docker  # imported lazily: the SDK is only needed for this backend
+    try:
+      stream, stat = self.container.get_archive(f"{WORKDIR}/{rel}")
+    except docker.errors.NotFound:
+      raise FileNotFoundError(f"no such file in sandbox: {path}") from None
+    except docker.errors.APIError as e:
+      raise SandboxError(f"could not read {path} from the container: {e}") from e
+    if stat.get("mode", 0) & (1 << 31):  # os.ModeDir in Go's FileMode
+      raise FileNotFoundError(f"not a file in sandbox: {path}")
+    buf = io.BytesIO()
+    try:
+      for chunk in stream:
+        buf.write(chunk)
+        if buf.tell() > max_bytes + (1 << 20):  # tar headers are small; stop reading early
+          break
+    finally:
+      getattr(stream, "close", lambda: None)()  # the HTTP response, when cut short
+    buf.seek(0)
+    try:
+      with tarfile.open(fileobj=buf, mode="r|") as tar:
+        for member in tar:
+          if not member.isfile():
+            raise FileNotFoundError(f"not a regular file in sandbox: {path}")
+          data = tar.extractfile(member).read(max_bytes)
+          return data.decode("utf-8", "replace")
+    except tarfile.ReadError:  # the stream was cut at max_bytes: decode what arrived
+      pass
+    raw = buf.getvalue()[512:512 + max_bytes]
+    return raw.decode("utf-8", "replace")
 
   def upload_dir(self, src: str, dest: str = ".") -> None:
     if not os.path.isdir(src):
@@ -190,6 +224,19 @@ class DockerSandbox(Sandbox):
     self._closed = True
     _remove(self.container, self.volume)
 
+  def reset(self) -> None:
+    """Kills every process of the command uid and empties /work and /tmp (pool reuse)."""
+    if self._closed:
+      raise ValueError("reset on a closed sandbox")
+    self._kill_user_processes()
+    # As the command uid, which owns all it made (root here lacks CAP_DAC_OVERRIDE).
+    code, out = self.container.exec_run(
+      ["bash", "-c", "chmod -R u+rwX /work /tmp 2>/dev/null; "
+       "find /work /tmp -mindepth 1 -delete 2>/dev/null; test -z \"$(ls -A /work)\""],
+      user=self.user)
+    if code != 0:
+      raise SandboxError(f"could not reset the sandbox: {out[-300:]!r}")
+
   # -- helpers ---------------------------------------------------------------------------
 
   def _run_checked(self, cmd: str) -> str:
@@ -204,18 +251,11 @@ class DockerSandbox(Sandbox):
     # process runs as another uid). Commands running concurrently are left alone.
     with self._inflight_lock:
       self._inflight -= 1
-      if self._inflight:
+      if self._inflight or not privileged:  # a normal end: the wrapper killed the group
         return
-      if privileged:  # after a timeout: also reaches a fork bomb at its process limit
-        self._kill_user_processes()
-        return
-      try:
-        exec_id = self.client.api.exec_create(
-          self.container.id, ["bash", "-c", "kill -9 -1 2>/dev/null; kill -9 -1 2>/dev/null"],
-          user=self.user)
-        self.client.api.exec_start(exec_id["Id"])
-      except Exception:
-        self._kill_user_processes()
+      # After a timeout or a kill: every process of the command uid, which also reaches a
+      # fork bomb at its process limit and jobs that left the group (setsid).
+      self._kill_user_processes()
 
   def _kill_user_processes(self) -> None:
     # Root with CAP_KILL (the one root capability besides CHOWN; the command uid has none)

@@ -1,25 +1,37 @@
-"""LocalSandbox: a temp workdir and commands run under bubblewrap or, failing that, rlimits.
+"""LocalSandbox: a temp workdir and commands run under bubblewrap, a memory cgroup and rlimits.
 
 With bubblewrap (`bwrap`) installed and working: the host root is mounted read-only, the
 workdir read-write, /tmp is a private tmpfs, and network, PID, IPC and UTS namespaces are
 unshared (no network, and killing bwrap kills every process of the command). Without it:
-a plain process group. In both cases the command runs in its own session with rlimits
-(address space, process count, file size, CPU time), and when the host process is root the
-command runs as an unprivileged uid (root ignores RLIMIT_NPROC, so a fork bomb would not be
-contained otherwise). On timeout the whole process group is SIGKILLed.
+a plain process group. Limits (defaults in `LocalSandbox.__init__`):
+- memory: a memory cgroup per sandbox (`katjax.sandbox.cgroup`; resident memory, so a suite
+  that reserves address space it never touches runs, while a hog is OOM-killed), when the
+  host process may make one (root); otherwise RLIMIT_DATA as a best effort, which, unlike
+  RLIMIT_AS, ignores reservations made without write access (thread stacks' guard areas,
+  PROT_NONE arenas) but still counts untouched writable mappings;
+- processes (RLIMIT_NPROC, per uid), file size, CPU seconds, no core files.
+When the host process is root the command runs as an unprivileged uid of its own (root
+ignores RLIMIT_NPROC, so a fork bomb would not be contained otherwise).
+
+No Python runs between fork and exec: the child is started with neither `preexec_fn` nor
+`user=` (so `subprocess` uses vfork, and JAX's fork warning and its deadlock risk do not
+apply); a root wrapper shell joins the cgroup, sets the rlimits with `ulimit` and drops to
+the sandbox uid with `setpriv` before running the command. On timeout, or when the command
+ends, its process group and everything in its cgroup are SIGKILLed.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import resource
+import shlex
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 
+from katjax.sandbox import cgroup
 from katjax.sandbox.base import (DEFAULT_OUTPUT_LIMIT, OutputCap, Sandbox, check_relpath,
                                  sandbox_uid)
 
@@ -43,9 +55,14 @@ class LocalSandbox(Sandbox):
                path: str = SYSTEM_PATH):
     self.memory_mb, self.max_procs, self.max_file_mb = memory_mb, max_procs, max_file_mb
     self.cpu_seconds, self.output_limit, self.path = cpu_seconds, output_limit, path
-    if uid is None and os.geteuid() == 0:
+    root_user = os.geteuid() == 0
+    if uid is None and root_user:
       uid = sandbox_uid(UID_BASE, UID_SPAN)
     self.uid = uid
+    self.cgroup = None
+    if root_user and cgroup_available():
+      self.cgroup = cgroup.MemoryCgroup(memory_mb << 20)
+    self.memory_limit = "cgroup" if self.cgroup else "rlimit_data"
     self.use_bwrap = bwrap_available(self.uid) if use_bwrap is None else use_bwrap
     if self.use_bwrap and not bwrap_available(self.uid):
       raise ValueError("use_bwrap=True but bubblewrap is not installed or cannot run here")
@@ -61,15 +78,12 @@ class LocalSandbox(Sandbox):
       raise ValueError("exec on a closed sandbox")
     if timeout <= 0:
       raise ValueError(f"timeout must be positive, got {timeout}")
-    argv = self._wrap(["bash", "-c", cmd])
+    argv = self._limited(self._wrap(["bash", "-c", cmd]))
     env = {"PATH": self.path, "HOME": self.workdir,
            "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": "/tmp"}
-    kw = {}
-    if self.uid is not None and os.geteuid() == 0:
-      kw = dict(user=self.uid, group=self.uid, extra_groups=[])
     proc = subprocess.Popen(argv, cwd=self.workdir, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, preexec_fn=self._limits, **kw)
+                            start_new_session=True)
     with self._lock:
       self._procs.add(proc)
     cap = OutputCap(self.output_limit)
@@ -83,6 +97,9 @@ class LocalSandbox(Sandbox):
     finally:
       # Kill the group even on normal exit: background children must not outlive the call.
       _killpg(proc.pid)
+      with self._lock:
+        if self.cgroup is not None and len(self._procs) == 1:  # no other command running
+          self.cgroup.kill_all()
       proc.wait()
       reader.join(timeout=5)
       with self._lock:
@@ -125,7 +142,26 @@ class LocalSandbox(Sandbox):
       procs = list(self._procs)
     for p in procs:
       _killpg(p.pid)
+    if self.cgroup is not None:
+      self.cgroup.remove()
     shutil.rmtree(self.workdir, ignore_errors=True)
+
+  def reset(self) -> None:
+    """Kills every process of the sandbox and empties its workdir (for reuse from a pool)."""
+    if self._closed:
+      raise ValueError("reset on a closed sandbox")
+    with self._lock:
+      procs = list(self._procs)
+    for p in procs:
+      _killpg(p.pid)
+    if self.cgroup is not None:
+      self.cgroup.kill_all()
+    for name in os.listdir(self.workdir):
+      full = os.path.join(self.workdir, name)
+      if os.path.isdir(full) and not os.path.islink(full):
+        shutil.rmtree(full, ignore_errors=True)
+      else:
+        os.unlink(full)
 
   # -- helpers ---------------------------------------------------------------------------
 
@@ -137,15 +173,20 @@ class LocalSandbox(Sandbox):
             "--unshare-all", "--die-with-parent", "--new-session",
             "--chdir", self.workdir, "--"] + argv
 
-  def _limits(self):
-    # Runs in the child between fork and exec: only async-signal-safe work (setrlimit).
-    mem = self.memory_mb << 20
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    resource.setrlimit(resource.RLIMIT_NPROC, (self.max_procs, self.max_procs))
-    fsize = self.max_file_mb << 20
-    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-    resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+  def _limited(self, argv: list[str]) -> list[str]:
+    # A root shell joins the cgroup, sets the rlimits (bash builtins: no Python in the
+    # child), then drops to the sandbox uid; exit 125 if the cgroup cannot be joined.
+    steps = []
+    if self.cgroup is not None:
+      steps.append(f"echo $$ > {shlex.quote(self.cgroup.procs_file)} || exit 125")
+    steps.append(f"ulimit -u {int(self.max_procs)} -f {int(self.max_file_mb) << 10} "
+                 f"-t {int(self.cpu_seconds)} -c 0")
+    if self.cgroup is None:
+      steps.append(f"ulimit -d {int(self.memory_mb) << 10}")
+    run = 'exec "$@"'
+    if self.uid is not None and os.geteuid() == 0:
+      run = f'exec setpriv --reuid={self.uid} --regid={self.uid} --clear-groups -- "$@"'
+    return ["bash", "-c", "; ".join(steps + [run]), "sandbox"] + argv
 
   def _host_path(self, path: str) -> str:
     full = os.path.realpath(os.path.join(self.workdir, check_relpath(path)))
@@ -171,16 +212,21 @@ def bwrap_available(uid: int | None = None) -> bool:
   """True when `bwrap` exists and can create its namespaces here (probed once per uid)."""
   if shutil.which("bwrap") is None:
     return False
-  kw = {}
+  argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+          "--unshare-all", "--die-with-parent", "--", "true"]
   if uid is not None and os.geteuid() == 0:
-    kw = dict(user=uid, group=uid, extra_groups=[])
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"] + argv
   try:
-    r = subprocess.run(["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                        "--unshare-all", "--die-with-parent", "--", "true"],
-                       capture_output=True, timeout=20, **kw)
+    r = subprocess.run(argv, capture_output=True, timeout=20)
   except (OSError, subprocess.SubprocessError):
     return False
   return r.returncode == 0
+
+
+@functools.lru_cache(maxsize=None)
+def cgroup_available() -> bool:
+  """True when memory cgroups can be made here (probed once per process)."""
+  return cgroup.available()
 
 
 def _pump(stream, cap: OutputCap) -> None:

@@ -46,3 +46,35 @@ def make_task(root):
           "patch": gold, "test_patch": test_patch,
           "FAIL_TO_PASS": ["tests/test_calc.py::test_add"],
           "PASS_TO_PASS": '["tests/test_calc.py::test_mul"]'}
+
+
+MANY_BUGGY = "def value(i):\n    return 2 * i if i != 1234 else -1\n"
+MANY_FIXED = "def value(i):\n    return 2 * i\n"
+MANY_TESTS = ("import pytest\n\nfrom many import value\n\nN = {n}\n\n\n"
+              "@pytest.mark.parametrize('i', range(N), "
+              "ids=[f'case {{i}} [{{i % 7}}] - x' for i in range(N)])\n"
+              "def test_value(i):\n    assert value(i) == 2 * i\n")
+
+
+def many_id(i):
+  """The pytest node id of case i, written out independently of pytest."""
+  return f"tests/test_many.py::test_value[case {i} [{i % 7}] - x]"
+
+
+def make_many_task(root, n=2000):
+  """A task listing n tests (ids with spaces, brackets and " - "); only case 1234 fails."""
+  repo = os.path.join(str(root), "many_repo")
+  os.makedirs(repo)
+  git(repo, "init", "-q", "-b", "main")
+  write(repo, "many/__init__.py", MANY_BUGGY)
+  write(repo, "tests/test_many.py", MANY_TESTS.format(n=n))
+  git(repo, "add", "-A")
+  git(repo, "commit", "-q", "-m", "buggy")
+  base = git(repo, "rev-parse", "HEAD").strip()
+  write(repo, "many/__init__.py", MANY_FIXED)
+  gold = git(repo, "diff")
+  git(repo, "checkout", "-q", "--", ".")
+  return {"repo": "example/many", "repo_path": repo, "instance_id": "example__many-1",
+          "base_commit": base, "problem_statement": "value(1234) is -1.", "patch": gold,
+          "test_patch": "", "FAIL_TO_PASS": [many_id(1234)],
+          "PASS_TO_PASS": [many_id(i) for i in range(n) if i != 1234]}

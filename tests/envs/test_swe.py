@@ -103,7 +103,7 @@ def test_bad_inputs_give_clear_errors_and_the_run_goes_on(task, tmp_path):
                            "--- a/calc/__init__.py\n+++ b/calc/__init__.py\n"
                            "@@ -1,2 +1,2 @@\n-def nothing_like_this():\n+def x():\n")
   assert reward == 0.0 and info["error"].startswith("patch does not apply")
-  env.task = {**task, "test_cmd": "kill -9 $$"}
+  env.task = {**task, "test_cmd": "kill -9 0"}
   reward, info = env.grade(task["patch"])
   assert reward == 0.0 and "markers not found" in info["error"]
   env.task = task

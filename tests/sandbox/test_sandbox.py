@@ -142,3 +142,33 @@ def test_fork_bomb_does_not_starve_another_sandbox(sandbox):
   finally:
     other.close()
   assert sandbox.exec("echo alive", timeout=20)[0] == "alive\n"
+
+
+RESERVING_SUITE = """import threading
+
+
+def test_reserves_much_touches_little():
+    # calloc'd: 2 GiB of address space, almost no resident pages (as numpy / BLAS / glibc
+    # arenas do); an address-space rlimit of the sandbox's memory size makes this MemoryError.
+    buf = bytes(2 << 30)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(len(bytes(1 << 20))))
+               for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(buf) == 2 << 30 and out == [1 << 20] * 16
+"""
+
+
+def test_reservation_heavy_suite_passes_under_the_memory_limit(sandbox):
+  if getattr(sandbox, "memory_limit", "cgroup") != "cgroup":
+    pytest.skip("local sandbox without a memory cgroup (not root): RLIMIT_DATA fallback")
+  sandbox.write_file("test_reserve.py", RESERVING_SUITE)
+  cmd = "python3 -m pytest -q -p no:cacheprovider test_reserve.py"
+  out, code, _ = sandbox.exec(cmd, timeout=60)
+  assert code == 0 and "1 passed" in out, out[-2000:]
+  # The same suite under an address-space rlimit of the sandbox's 512 MB: the old failure.
+  out, code, _ = sandbox.exec(f"ulimit -v {512 << 10}; {cmd}", timeout=60)
+  assert code != 0 and "MemoryError" in out, out[-2000:]
