@@ -4,7 +4,7 @@ A library's sdist (fetched once, at generation time only, with `pip download --n
 --no-binary :all: NAME==VERSION`) is trimmed to its sources and tests and stored as a
 deterministic `.tar.xz` beside the task file. Tasks are made SWE-smith style:
 1. run the library's suite in a sandbox (pytest `-rA`, whole log read back from a file);
-2. for each candidate bug (`swe_data.mutations`: flipped operators and comparisons,
+2. for each candidate bug (`swe_mutate.mutations`: flipped operators and comparisons,
    off-by-one constants, dropped or negated branches, swapped call arguments; one site in
    a non-test module), run the suite again; keep the bug if some tests that passed now fail
    (FAIL_TO_PASS) while others still pass (PASS_TO_PASS, limited like SWE-bench to the test
@@ -37,6 +37,7 @@ import threading
 
 from katjax.envs.swe_diff import diff_stats
 from katjax.envs.swe_grade import TaskError, is_test_path, run_logged
+from katjax.envs.swe_mutate import mutations
 from katjax.envs.swe_parsers import parse_pytest_log
 
 __all__ = ["pack_sdist", "build_tasks", "materialize", "load_tasks", "DATA_DIR"]
@@ -78,7 +79,6 @@ def pack_sdist(sdist: str, out_dir: str) -> str:
 def build_tasks(tarball: str, make_sandbox, max_tasks: int = 12, seed: int = 0,
                 max_candidates: int = 60, timeout: float = 60.0) -> list[dict]:
   """SWE tasks from one packed library (see the module docstring), each graded as built."""
-  from katjax.envs.swe_data import mutations  # the mutation operators live with synthesis
   name = os.path.basename(tarball)[:-len(".tar.xz")]
   with tempfile.TemporaryDirectory() as tmp:
     repo = _extract_repo(tarball, os.path.join(tmp, name))

@@ -129,12 +129,12 @@ def test_shipped_tasks_gold_resolves_empty_does_not(shipped, backend):
 
 def test_agent_episode_on_a_shipped_task(shipped):
   from katjax.envs import ToolCall
-  from katjax.envs.episode import run_episode
+  from katjax.testing.scripted import run_scripted
   task = _smallest(shipped, 1)[0]
   env = make_env("swe", backend="local", test_timeout=120)
   calls = iter([[ToolCall("1", "edit", {"path": "gold.patch", "old_str": "",
                                         "new_str": task["patch"]})],
                 [ToolCall("2", "bash", {"command": "git apply gold.patch && rm gold.patch"})],
                 [ToolCall("3", "submit", {})]])
-  rec = run_episode(env, task, lambda m, t: next(calls))
-  assert rec["error"] is None and rec["reward"] == 1.0, rec["info"]
+  rec = run_scripted(env, task, list(calls))
+  assert rec.error is None and rec.reward == 1.0, rec.info
