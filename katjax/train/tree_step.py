@@ -8,7 +8,9 @@ of the flat sequences. Old (and reference) logprobs are computed in the same tre
 
 Batch: `TreeBatch.arrays()` (all [R, S]) plus, optionally, `old_logp` (PPO with several
 updates per rollout batch; absent = on-policy: old = stop_gradient(logp) of this very
-forward pass) and `ref_logp` (needed when loss_cfg.kl_coef > 0).
+forward pass), `ref_logp` (needed when loss_cfg.kl_coef > 0) and `attention_tiles`
+(int32[R, N, 2] from `katjax.model.tile_attention.attention_tiles(subtree_end,
+model_cfg.attention_block)`: attention over only the tiles the tree mask touches).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def tree_logprobs(model_cfg, params, batch):
   logits are never stored, forward or backward.
   """
   h, w = hidden_states(model_cfg, params, batch["tokens"], batch["positions"],
-                       batch["subtree_end"])
+                       batch["subtree_end"], batch.get("attention_tiles"))
   return head_logprobs(h, w, batch)
 
 
