@@ -48,7 +48,8 @@ def run(num_tasks: int = 1, *, model: dict | None = None, max_tokens: int = 0,
 
   from katjax import model as kmodel
   from katjax.core.losses import PolicyLossConfig
-  from katjax.core.tree import build_tree, pack_trees
+  from katjax.core.tree import build_tree
+  from katjax.core.tree_pack import pack_trees
   from katjax.model import tile_attention
   from katjax.train import TrainState, make_optimizer
   from katjax.train.tree_step import make_tree_step

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from katjax.core.tree import Trajectory, build_tree
+from katjax.core.tree import Trajectory, _key, build_tree
 
 
 def plan_rows(groups, max_tokens: int) -> list:
@@ -90,7 +90,3 @@ def _children(trajs):
   out[0] = ended + out[0]
   return out
 
-
-def _key(t, i):
-  # The fields build_tree merges on: equal keys share the token in the tree.
-  return (int(t.tokens[i]), float(t.logprobs[i]), float(t.entropy[i]), int(t.flags[i]))

@@ -7,7 +7,8 @@ import pytest
 from katjax import model as kmodel
 from katjax.core.losses import PolicyLossConfig
 from katjax.core.row_plan import layout_cost, plan_rows
-from katjax.core.tree import build_tree, pack_trees
+from katjax.core.tree import build_tree
+from katjax.core.tree_pack import pack_trees
 from katjax.testing.trees import realistic_groups
 from katjax.train.tree_step import make_tree_loss_fn
 
@@ -62,7 +63,7 @@ def test_planned_layout_gives_the_same_loss_and_gradient_as_other_layouts():
     layouts = {"planned": pack_trees(parts, longest, norm=norm),
                "whole": pack_trees(groups, size, norm=norm),
                "flat": pack_trees([[t] for g in groups for t in g], longest, norm=norm)}
-    results = {k: value_grad(params, dict(b.arrays(), old_logp=b.rollout_logp))
+    results = {k: value_grad(params, dict(b.arrays(), old_logp=b.logprobs))
                for k, b in layouts.items()}
     ref_loss, ref_grad = results["whole"]
     for name in ("planned", "flat"):
