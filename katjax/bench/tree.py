@@ -18,7 +18,9 @@ limit), per_token_flop_share (of the tree step), flat_step_s, tree_step_s (media
 speedup (median of the alternating flat / tree ratios), speedup_vs_flop_ratio,
 speedup_vs_token_ratio, attention_efficiency (visible pairs / pairs the kernel computed, the
 same tiles forward and in both backward products) for the tree and flat rows, the chosen
-block sizes, and the device memory of each compiled step.
+block sizes, the device memory of each compiled step, and row_plan: what the packing policy
+(`katjax.core.row_plan`) does under a row budget between the longest trajectory and the
+largest tree (parts, token and pair increase against one row per tree).
 """
 
 from __future__ import annotations
@@ -108,9 +110,24 @@ def run(num_tasks: int = 1, *, model: dict | None = None, max_tokens: int = 0,
           "flat_step_bytes": memory["flat"], "tree_step_bytes": memory["tree"],
           "flat_rows": list(flat.tokens.shape), "tree_rows": list(tree.tokens.shape),
           "padded_ratio": flat.tokens.size / tree.tokens.size,
+          "row_plan": _row_plan(groups),
           "tasks": num_tasks, "rollouts": len(groups[0]), "repeats": repeats,
           "model": {k: getattr(base, k) for k in ("d_model", "n_layers", "n_heads", "ffn_dim")},
           "backend": jax.default_backend()}
+
+
+def _row_plan(groups) -> dict:
+  """The packing policy under a row budget halfway between the longest trajectory and the
+  largest tree: parts, and tokens / visible pairs against one row per tree (not timed)."""
+  from katjax.core.row_plan import layout_cost, plan_rows
+  from katjax.core.tree import build_tree
+
+  longest = max(len(t) for g in groups for t in g)
+  budget = (longest + max(build_tree(g).num_tokens for g in groups)) // 2
+  planned, whole = layout_cost(plan_rows(groups, budget)), layout_cost(groups)
+  return {"budget": budget, "parts": planned["parts"],
+          "token_increase": planned["tokens"] / whole["tokens"],
+          "pair_increase": planned["pairs"] / whole["pairs"]}
 
 
 def _runner(compiled, state, arrays):
