@@ -40,9 +40,9 @@ def test_parts_fit_the_budget_and_keep_every_trajectory(seed):
 
 
 def test_planned_layout_gives_the_same_loss_and_gradient_as_other_layouts():
-  """Split trees (budget = the longest trajectory), whole trees, and flat sequences: one
-  loss and one parameter gradient (per-branch normalisers; old logprobs = the rollout's, so
-  ratios are far from 1 and the clip is active)."""
+  """Split trees (budget = the longest trajectory) and whole trees: one loss and one
+  parameter gradient, with per-branch normalisers and old logprobs = the rollout's (ratios
+  far from 1, the clip active). Flat sequences against trees: tests/train/test_tree_step.py."""
   groups = realistic_groups(2, seed=5, **SHAPE)
   longest = max(len(t) for g in groups for t in g)
   size = max(build_tree(g).num_tokens for g in groups)
@@ -61,12 +61,11 @@ def test_planned_layout_gives_the_same_loss_and_gradient_as_other_layouts():
       return jax.value_and_grad(f)(params)
 
     layouts = {"planned": pack_trees(parts, longest, norm=norm),
-               "whole": pack_trees(groups, size, norm=norm),
-               "flat": pack_trees([[t] for g in groups for t in g], longest, norm=norm)}
+               "whole": pack_trees(groups, size, norm=norm)}
     results = {k: value_grad(params, dict(b.arrays(), old_logp=b.logprobs))
                for k, b in layouts.items()}
     ref_loss, ref_grad = results["whole"]
-    for name in ("planned", "flat"):
+    for name in ("planned",):
       loss, grad = results[name]
       assert abs(float(ref_loss)) > 1e-2  # a loss that can tell layouts apart
       np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5, err_msg=name)

@@ -222,7 +222,7 @@ def test_decoder_with_a_tile_list_equals_dense_attention():
 
   rng = np.random.default_rng(7)
   t, block = 256, 64
-  cfg = km.TINY.replace(attention_impl="dense", attention_block=block)
+  cfg = km.TINY.replace(attention_impl="dense", attention_block=block, n_layers=1)
   params = km.init(cfg, jax.random.PRNGKey(0))
   se = np.stack([random_tree_subtree_end(rng, t, n_pad=30 * i) for i in range(2)])
   se = se.astype(np.int32)
