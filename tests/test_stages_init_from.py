@@ -17,6 +17,14 @@ import pytest
 
 from katjax import model as km
 from katjax.train.config import parse
+from katjax.testing import compile_cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+  """The stage runs here rebuild the same programs (resume, RL then RFT): compile each once."""
+  with compile_cache.persistent_compile_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
+    yield
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

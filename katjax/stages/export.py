@@ -4,9 +4,10 @@
 
 Writes DIR/config.json, DIR/model.safetensors (sharded with an index when large) and
 DIR/tokenizer.json. The source (`config.init_from`) is a training stage's workdir (its
-latest complete checkpoint, with the architecture and tokenizer it recorded: these win over
-config.model / config.tokenizer, which only matter for a HF folder without tokenizer.json) or a Hugging Face folder (re-exported, e.g. to another
-dtype). `transformers` and `katjax.model.from_hf` load the folder with the same logits.
+latest complete checkpoint, with the architecture and tokenizer it recorded, which win over
+config.model / config.tokenizer) or a Hugging Face folder (re-exported, e.g. to another
+dtype; config.tokenizer is used when it has no tokenizer.json). `transformers` and
+`katjax.model.from_hf` load the folder with the same logits.
 """
 
 from __future__ import annotations

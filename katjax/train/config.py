@@ -216,19 +216,19 @@ def section(cls, values, where: str):
 
 def to_dict(run: RunConfig) -> dict:
   """RunConfig -> plain nested dict (what checkpoints record)."""
-  return _as_dict(run)
+  return _as_dict(run, placeholders=False)
 
 
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _as_dict(obj) -> dict:
+def _as_dict(obj, placeholders: bool = True) -> dict:
   out = {}
   for f in dataclasses.fields(obj):
     value = getattr(obj, f.name)
     if dataclasses.is_dataclass(value):
-      out[f.name] = _as_dict(value)
-    elif value is None:  # a typed placeholder: settable later to a value of that type
+      out[f.name] = _as_dict(value, placeholders)
+    elif value is None and placeholders:  # typed: settable later to a value of that type
       out[f.name] = ml_collections.config_dict.placeholder(_non_none(_hints(type(obj))[f.name]))
     else:
       out[f.name] = value

@@ -25,7 +25,7 @@ from katjax import model as kmodel
 from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params
 from katjax.train import init_from as init_from_lib
 from katjax.train.checkpoint import Checkpointer
-from katjax.train.config import RunConfig, parse
+from katjax.train.config import RunConfig, parse, to_dict
 from katjax.train.metrics import MetricsLogger
 from katjax.train.state import TrainState, make_optimizer
 
@@ -77,7 +77,7 @@ class Trainer:
     log = MetricsLogger(os.path.join(workdir, "logs"), tc.steps, start, enabled=verbose)
     if start:
       log.print(f"resumed from step {start} ({ckpt.directory})")
-    saved = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    saved = to_dict(run)  # every field, defaults included
     if tokenizer is not None:
       saved["tokenizer"] = init_from_lib.tokenizer_spec(tokenizer)
     return cls(run=run, cfg=cfg, mesh=mesh, optimizer=optimizer, state=state,
