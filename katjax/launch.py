@@ -4,8 +4,9 @@ Dispatches to `katjax.stages.NAME.run(config, workdir)`. `--config` is an ml_col
 config file built on `katjax.train.config.base_config()` (`--config.train.steps=10`
 overrides a field; a misspelt or mistyped field is an error that names it).
 `--config.init_from=DIR` starts a stage from a previous stage's workdir or a Hugging Face
-folder; `--stage=export --config.init_from=WORKDIR --config.export.path=DIR` writes one. With no flags it runs the demo: SFT of the tiny config on the embedded data in a
-fresh temporary workdir.
+folder; `--stage=export --config.init_from=WORKDIR --config.export.path=DIR` writes one.
+With no flags it runs the demo: SFT of the tiny config on the embedded data in a fresh
+temporary workdir.
 """
 
 from __future__ import annotations

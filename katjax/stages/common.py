@@ -37,8 +37,8 @@ def report(stage: str, data, summary: dict) -> None:
   s = data.stats
   losses = summary["losses"]
   print(f"[{stage}] packed {s.sequences} sequences into {s.rows} rows of {s.seq_len} "
-        f"(efficiency {s.efficiency:.1%}, {s.split} split, {s.dropped} untrainable pieces dropped, {len(data.errors)} bad lines "
-        f"skipped, {s.loss_tokens} loss tokens)")
+        f"(efficiency {s.efficiency:.1%}, {s.split} split, {s.dropped} untrainable pieces "
+        f"dropped, {len(data.errors)} bad lines skipped, {s.loss_tokens} loss tokens)")
   if losses:
     steps = sorted(losses)
     print(f"[{stage}] steps {summary['start_step']}->{summary['steps']}: loss " +

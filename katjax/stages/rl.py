@@ -7,10 +7,11 @@ loop, turn the environment's rewards into GRPO advantages per group, merge each 
 prefix tree, prune the step's forest to the batch (`rl.num_rows` x `rl.row_tokens`) by
 entropy, take one tree-loss train step, and hand the new weights to the sampler (no
 recompilation). The setup (mesh, state, init_from, checkpoints, logs, cadence) is the
-shared `katjax.train.trainer.Trainer`, as for mid-training and SFT. Rollout and training alternate in one process: this is the on-policy
-schedule. SeamlessFlow's decoupled trajectory / rollout managers and tag scheduler
-(DESIGN.md section 6) are not built yet; `bubble` (the share of wall time the trainer
-waits for rollouts) is logged so that schedule has a baseline to beat.
+shared `katjax.train.trainer.Trainer`, as for mid-training and SFT. Rollout and training
+alternate in one process: this is the on-policy schedule. SeamlessFlow's decoupled
+trajectory / rollout managers and tag scheduler (DESIGN.md section 6) are not built yet;
+`bubble` (the share of wall time the trainer waits for rollouts) is logged so that schedule
+has a baseline to beat.
 """
 
 from __future__ import annotations
