@@ -18,7 +18,8 @@ from katjax.parallel.rules import DEFAULT_RULES, MESH_AXES, mesh_axes_for
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  """Mesh with axes ("data", "fsdp", "tensor"); one size may be -1 (= the remaining devices)."""
+  """Mesh with axes ("data", "fsdp", "tensor") over all `devices` (default: every device of
+  every process); one size may be -1 (= the remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
@@ -34,6 +35,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   if total > len(devices):
     raise ValueError(f"make_mesh: mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, "
                      f"only {len(devices)} available")
+  if total != len(devices):
+    # A mesh over part of the devices would leave chips idle (and, multi-host, whole hosts
+    # out of every collective): ask for the split explicitly.
+    fit = "does not divide" if len(devices) % total else "uses only part of"
+    raise ValueError(f"make_mesh: mesh {dict(zip(MESH_AXES, sizes))} of {total} devices "
+                     f"{fit} the {len(devices)} devices; make the sizes multiply to "
+                     f"{len(devices)} (one may be -1) or pass devices=")
   try:
     grid = jax.experimental.mesh_utils.create_device_mesh(sizes, devices[:total])
   except Exception:  # noqa: BLE001 - fake CPU devices have no topology; plain order is fine

@@ -26,6 +26,7 @@ from katjax.train.checkpoint import Checkpointer
 from katjax.train.init_from import init_from_path, load_params
 from katjax.train.losses import lm_loss
 from katjax.train.metrics import MetricsLogger
+from katjax.train.mfu import MfuMeter
 from katjax.train.state import TrainState, make_optimizer
 from katjax.train.step import train_step
 
@@ -82,15 +83,18 @@ def train_lm(config, workdir: str, train_data: PackedData, eval_data: PackedData
   summary = {"start_step": start, "losses": {}, "eval_loss": {}, "skipped": 0,
              "workdir": workdir}
   t0, tokens, last_logged = time.perf_counter(), 0, start
+  mfu = MfuMeter(cfg, tc.get("peak_flops"))  # train.peak_flops: FLOP/s per device (optional)
   for step in range(start, tc.steps):
     batch = _to_global(next(it), batch_sh)
     state, metrics = step_fn(state, batch)
-    tokens += int(np.asarray(batch["tokens"]).size)
+    tokens += int(batch["tokens"].size)  # global size: every host holds only its rows
+    mfu.add(batch)
     done = step + 1
     if done % tc.log_every == 0 or done == tc.steps:
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - t0
       metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+      metrics.update(mfu.take(elapsed))
       summary["losses"][done] = float(metrics["loss"])
       summary["skipped"] += int(metrics["skipped"])
       log.write(done, metrics)

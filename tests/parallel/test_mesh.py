@@ -72,6 +72,11 @@ def test_logical_spec_drops_axes_that_do_not_divide():
 def test_make_mesh_errors_name_the_problem():
   with pytest.raises(ValueError, match="needs 16 devices"):
     parallel.make_mesh(4, 4, 1)
+  with pytest.raises(ValueError, match="of 3 devices does not divide the 8 devices"):
+    parallel.make_mesh(3, 1, 1)
+  with pytest.raises(ValueError, match="uses only part of the 8 devices"):
+    parallel.make_mesh(2, 2, 1)
+  assert parallel.make_mesh(3, 1, 1, devices=jax.devices()[:3]).shape["data"] == 3
   with pytest.raises(ValueError, match="at most one axis"):
     parallel.make_mesh(-1, -1, 1)
   with pytest.raises(ValueError, match="no rule"):
