@@ -22,6 +22,7 @@ def get_config():
                      end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
                      clip_norm=1.0)
   c.train = dict(steps=steps, micro_batches=1, seed=0, log_every=10, eval_every=200,
-                 eval_batches=4, checkpoint_every=200, keep=3, async_checkpoint=True)
+                 eval_batches=4, checkpoint_every=200, keep=3, async_checkpoint=True,
+                 peak_flops=0.0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   return c

@@ -16,6 +16,7 @@ def get_config():
   c.optimizer = dict(learning_rate=3e-3, warmup_steps=5, total_steps=steps, end_lr_ratio=0.1,
                      weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   c.train = dict(steps=steps, micro_batches=1, seed=0, log_every=5, eval_every=15,
-                 eval_batches=2, checkpoint_every=15, keep=2, async_checkpoint=True)
+                 eval_batches=2, checkpoint_every=15, keep=2, async_checkpoint=True,
+                 peak_flops=0.0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   return c

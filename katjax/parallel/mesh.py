@@ -87,6 +87,28 @@ def shard_params(params, axes, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.device_put(params, param_shardings(axes, params, mesh, rules))
 
 
+def opt_state_shardings(optimizer, opt_state, params_shardings, mesh: Mesh):
+  """Shardings for an optax state: each params-shaped part (Adam's mu, nu) sharded like the
+  params, everything else (counts, injected hyperparameters) replicated.
+
+  jit does not propagate the params' shardings into `optimizer.init` (its zeros do not
+  depend on the params' values), so without these the moments come out replicated.
+  `opt_state` may be abstract (`jax.eval_shape(optimizer.init, params)`).
+  """
+  import optax  # optimizers are a train-time dependency
+  return optax.tree_map_params(optimizer, lambda _, sh: sh, opt_state, params_shardings,
+                               transform_non_params=lambda _: replicated(mesh))
+
+
+def train_state_shardings(optimizer, abstract_state, params_shardings, mesh: Mesh):
+  """Shardings for a train state (fields `params`, `opt_state`, the rest replicated), to give
+  `jax.jit(TrainState.create, out_shardings=...)`. abstract_state: `jax.eval_shape` of it."""
+  rep = replicated(mesh)
+  return jax.tree.map(lambda _: rep, abstract_state).replace(
+      params=params_shardings,
+      opt_state=opt_state_shardings(optimizer, abstract_state.opt_state, params_shardings, mesh))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding for a batch array [B, T, ...]: batch over data*fsdp, the rest replicated."""
   axes = tuple(a for a in mesh_axes_for("batch", rules) if mesh.shape[a] > 1)

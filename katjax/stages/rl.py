@@ -27,13 +27,15 @@ from katjax.core.advantages import grpo_advantages
 from katjax.core.losses import PolicyLossConfig
 from katjax.core.prune import PruneConfig, prune_batch
 from katjax.envs.base import load_tasks, make_env
-from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params
+from katjax.parallel import (batch_sharding, make_mesh, replicated, shard_params,
+                             train_state_shardings)
 from katjax.rollout.agent import AgentLimits, run_episode
 from katjax.rollout.sampler import Sampler, SamplingParams
 from katjax.stages.common import make_tokenizer
 from katjax.train.checkpoint import Checkpointer
 from katjax.train.loop import model_config
 from katjax.train.metrics import MetricsLogger
+from katjax.train.mfu import MfuMeter
 from katjax.train.state import TrainState, make_optimizer
 from katjax.train.tree_step import make_tree_step
 
@@ -127,9 +129,12 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   optimizer = make_optimizer(config.optimizer)
   init_key, state_key = jax.random.split(jax.random.PRNGKey(tc.seed))
   params = shard_params(kmodel.init(cfg, init_key), kmodel.logical_axes(cfg), mesh)
-  state = jax.jit(lambda p, k: TrainState.create(p, optimizer, k))(
-      params, jax.device_put(state_key, replicated(mesh)))
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  create = lambda p, k: TrainState.create(p, optimizer, k)  # noqa: E731
+  key = jax.device_put(state_key, replicated(mesh))
+  # Adam's moments sharded like the params (jit alone would replicate them on every device)
+  state_sh = train_state_shardings(optimizer, jax.eval_shape(create, params, key),
+                                   jax.tree.map(lambda x: x.sharding, params), mesh)
+  state = jax.jit(create, out_shardings=state_sh)(params, key)
   batch_sh = batch_sharding(mesh, 2)
   loss_cfg = PolicyLossConfig(**dict(rl.loss), norm=rl.norm)
   step_fn = make_tree_step(cfg, loss_cfg, optimizer, state_shardings=state_sh,
@@ -149,6 +154,7 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   sampler = Sampler(cfg, state.params, max_len=rl.max_tokens, tokenizer=tokenizer)
   log = MetricsLogger(os.path.join(workdir, "logs"), tc.steps, start, enabled=verbose)
   summary = {"start_step": start, "reward_mean": {}, "loss": {}, "workdir": workdir}
+  mfu = MfuMeter(cfg, tc.get("peak_flops"))  # train.peak_flops: FLOP/s per device (optional)
   for step in range(start, tc.steps):
     t0 = time.perf_counter()
     groups, stats = collect_groups(sampler, tokenizer, next(it), rl, step=step, rft=rft)
@@ -156,6 +162,7 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
     batch, info = prune_batch(groups, rl.num_rows, rl.row_tokens, prune_cfg, norm=rl.norm)
     arrays = jax.device_put(batch.arrays(), batch_sh)
     state, metrics = step_fn(state, arrays)
+    mfu.add(arrays)
     sampler.update_weights(state.params)
     metrics = jax.device_get(metrics)
     t2 = time.perf_counter()
@@ -163,7 +170,8 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
     metrics.update(stats, flat_tokens=float(sum(len(t) for g in groups for t in g)),
                    kept_tokens=float(info["kept_tokens"]), tree_tokens=float(info["tokens"]),
                    retained_signal=float(info["retained_signal"]),
-                   rollout_s=t1 - t0, train_s=t2 - t1, bubble=(t1 - t0) / (t2 - t0))
+                   rollout_s=t1 - t0, train_s=t2 - t1, bubble=(t1 - t0) / (t2 - t0),
+                   **mfu.take(t2 - t1))
     summary["reward_mean"][done] = stats["reward_mean"]
     summary["loss"][done] = float(metrics["loss"])
     if done % tc.log_every == 0 or done == tc.steps:

@@ -21,7 +21,8 @@ from absl import logging
 
 from katjax import model as kmodel
 from katjax.data.pipeline import PackedData, batch_dataset, make_iterator
-from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params
+from katjax.parallel import (batch_sharding, make_mesh, replicated, shard_params,
+                             train_state_shardings)
 from katjax.train.checkpoint import Checkpointer
 from katjax.train.init_from import init_from_path, load_params
 from katjax.train.losses import lm_loss
@@ -60,9 +61,12 @@ def train_lm(config, workdir: str, train_data: PackedData, eval_data: PackedData
   if params is None:
     params = kmodel.init(cfg, init_key)
   params = shard_params(params, kmodel.logical_axes(cfg), mesh)
-  state = jax.jit(functools.partial(TrainState.create, optimizer=optimizer))(
-      params, rng=jax.device_put(state_key, replicated(mesh)))
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  create = functools.partial(TrainState.create, optimizer=optimizer)
+  key = jax.device_put(state_key, replicated(mesh))
+  # Adam's moments sharded like the params (jit alone would replicate them on every device)
+  state_sh = train_state_shardings(optimizer, jax.eval_shape(create, params, rng=key),
+                                   jax.tree.map(lambda x: x.sharding, params), mesh)
+  state = jax.jit(create, out_shardings=state_sh)(params, rng=key)
   batch_sh = batch_sharding(mesh, 2)
   loss_fn = functools.partial(lm_loss, cfg)
   step_fn = jax.jit(

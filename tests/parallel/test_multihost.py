@@ -38,7 +38,7 @@ def _env(devices: int, **extra) -> dict:
   return env
 
 
-def launch(n: int, specs, devices: int, timeout: float = 240.0, script=WORKER):
+def launch(n: int, specs, devices: int, timeout: float = 900.0, script=WORKER):
   """Start n processes (spec i for process i) on `devices` CPU devices each; -> outputs."""
   port = _port()
   procs = []
