@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from katjax.testing import compile_cache
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.seq_len=128", "--config.data.batch_size=4", "--config.train.steps=8",
          "--config.train.log_every=1", "--config.train.eval_every=0",
@@ -21,9 +23,13 @@ def _cmd(workdir, *extra, stage="sft"):
           *SMALL, *extra]
 
 
-def _env():
+def _env(cache=None):
+  """cache: a compilation cache folder the runs of one test share (the resumed run loads
+  the full run's executables instead of recompiling them)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  if cache is not None:
+    env.update(compile_cache.env(cache))
   return env
 
 
@@ -40,8 +46,9 @@ def _losses(workdir):
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-  subprocess.run(_cmd(full), cwd=ROOT, env=_env(), check=True, capture_output=True)
-  proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+  env = _env(cache=tmp_path / "jax_cache")
+  subprocess.run(_cmd(full), cwd=ROOT, env=env, check=True, capture_output=True)
+  proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   metrics = os.path.join(killed, "logs", "metrics.jsonl")
   deadline = time.time() + 300
@@ -54,7 +61,7 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
   proc.wait()
   killed_at = max(_losses(killed))
   assert 4 <= killed_at < 8
-  res = subprocess.run(_cmd(killed), cwd=ROOT, env=_env(), check=True, capture_output=True,
+  res = subprocess.run(_cmd(killed), cwd=ROOT, env=env, check=True, capture_output=True,
                        text=True)
   out = res.stdout + res.stderr
   assert "resumed from step" in out, out[-2000:]

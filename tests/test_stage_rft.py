@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from katjax.core.tree import build_tree
 from katjax.envs.toy import ArithmeticEnv, generate_tasks
@@ -12,6 +13,15 @@ from katjax.rollout.agent import AgentLimits, run_episode
 from katjax.rollout.sampler import Completion
 from katjax.stages import rft as rft_stage
 from katjax.stages import rl as rl_stage
+from katjax.testing import compile_cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+  """The stage runs here rebuild the same programs (resume, RL then RFT): compile each once."""
+  with compile_cache.persistent_compile_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
+    yield
+
 
 TOK = ByteTokenizer()
 

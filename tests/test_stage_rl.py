@@ -11,6 +11,14 @@ from katjax import model as kmodel
 from katjax.envs.toy import ArithmeticEnv
 from katjax.launch import _DEFAULT_CONFIG  # noqa: F401  (the launcher imports cleanly)
 from katjax.stages import rl as rl_stage
+from katjax.testing import compile_cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+  """The stage runs here rebuild the same programs (resume, RL then RFT): compile each once."""
+  with compile_cache.persistent_compile_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
+    yield
 
 
 def _config(steps):

@@ -17,8 +17,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
 _MESH = flags.DEFINE_multi_string("mesh", None, "data,fsdp,tensor (repeatable); default: the "
                                   "config's mesh")
-_ROW = flags.DEFINE_integer("row_tokens", None, "tree row length; default rl.row_tokens, "
-                            "else data.seq_len")
+_ROW = flags.DEFINE_integer("row_tokens", None, "tree row length; default data.seq_len")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", None, "decode rows; default 8 per "
                                      "data x fsdp shard")
 _CACHE = flags.DEFINE_integer("cache_len", None, "decode KV cache length; default row_tokens")
@@ -32,7 +31,9 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config=configs/<name>.py is required")
-  meshes = [_parse_mesh(m) for m in (_MESH.value or [_config_mesh(config)])]
+  from katjax.train.config import parse
+  run = parse(config)
+  meshes = [_parse_mesh(m) for m in (_MESH.value or [_config_mesh(run)])]
   need = max(a * b * c for a, b, c in meshes)
   # Fake CPU devices, set before JAX starts its backend (the plan never runs a step).
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -41,17 +42,14 @@ def main(argv):
     os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={need}"
   import jax
 
-  from katjax.core.losses import PolicyLossConfig
   from katjax.parallel import make_mesh
   from katjax.plan.table import check_row_fits, format_plan, plan_mesh
-  from katjax.train.loop import model_config
   from katjax.train.state import make_optimizer
 
-  cfg = model_config(config)
-  row = _ROW.value or (config.rl.row_tokens if "rl" in config else config.data.seq_len)
-  micro = int(config.train.get("micro_batches", 1))
-  optimizer = make_optimizer(config.optimizer)
-  loss_cfg = PolicyLossConfig(**dict(config.rl.loss)) if "rl" in config else None
+  cfg = run.model
+  row = _ROW.value or run.data.seq_len
+  micro = run.train.micro_batches
+  optimizer = make_optimizer(run.optimizer)
   if jax.device_count() < need:
     raise app.UsageError(f"the largest mesh needs {need} devices, {jax.device_count()} exist "
                          f"(XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
@@ -62,8 +60,7 @@ def main(argv):
     batch = _DECODE_BATCH.value or 8 * shape[0] * shape[1]
     t = time.perf_counter()
     plans.append(plan_mesh(cfg, mesh, row_tokens=row, micro_batches=micro, decode_batch=batch,
-                           cache_len=_CACHE.value or row, optimizer=optimizer,
-                           loss_cfg=loss_cfg))
+                           cache_len=_CACHE.value or row, optimizer=optimizer))
     print(f"# mesh {shape}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
   print(format_plan(plans))
   print(f"# {len(meshes)} meshes planned in {time.perf_counter() - t0:.0f} s "
@@ -82,10 +79,10 @@ def _parse_mesh(text: str) -> tuple:
   return shape
 
 
-def _config_mesh(config) -> str:
-  m = config.mesh
+def _config_mesh(run) -> str:
+  m = run.mesh
   if min(m.data, m.fsdp, m.tensor) < 1:
-    raise app.UsageError(f"config.mesh {dict(m)} has a -1 size: give --mesh=data,fsdp,tensor")
+    raise app.UsageError(f"config.mesh {m} has a -1 size: give --mesh=data,fsdp,tensor")
   return f"{m.data},{m.fsdp},{m.tensor}"
 
 

@@ -28,9 +28,6 @@ def main(spec):
   tiny = importlib.util.module_from_spec(module)
   module.loader.exec_module(tiny)
   config = tiny.get_config()
-  # Unlink train.steps from optimizer.total_steps: a resumed job runs to more steps but must
-  # follow the same learning-rate schedule as the run that wrote the checkpoint.
-  config.optimizer = dict(config.optimizer.to_dict())
   for key, value in spec["config"].items():
     node = config
     *parents, leaf = key.split(".")
