@@ -32,11 +32,11 @@ class Scripted:
   def __init__(self, text):
     self.ids = TOK.encode(text) + [TOK.eos_id]
 
-  def generate(self, prompts, params, n=1, seed=0, cancelled=None):
+  def generate(self, prompts, sampling, n=1, seed=0, cancelled=None):
     k = len(self.ids)
     return [[Completion(tokens=np.array(self.ids, np.int32), logprobs=np.zeros(k, np.float32),
                         raw_logprobs=np.zeros(k, np.float32),
-                        entropies=np.ones(k, np.float32), finish_reason="stop",
+                        entropy=np.ones(k, np.float32), finish_reason="stop",
                         prompt_len=len(prompts[0]))]]
 
 

@@ -4,7 +4,8 @@
 {"local": {"1": episodes/min, "4": episodes/min}, "docker": {...} or null with a reason}.
 Each episode resets the SWE env on a small git repo (made here), runs 10 bash commands,
 applies the fix through the edit tool, submits and is graded in a fresh sandbox; "4" runs
-four such episodes concurrently (threads, one env each).
+four such episodes concurrently (threads, one env each). Episodes run through the agent loop
+with a scripted model (`katjax.testing.scripted`, byte tokenizer), as a model would drive them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 import time
 
 from katjax.envs import ToolCall, make_env
-from katjax.envs.episode import run_episode
+from katjax.testing.scripted import run_scripted
 
 __all__ = ["main", "episode_throughput", "make_bench_task"]
 
@@ -31,13 +32,13 @@ def episode_throughput(backend: str, task: dict, concurrency: int, episodes: int
   """Episodes per minute with `concurrency` parallel episodes (each resolved, else raises)."""
   def one(_):
     env = make_env("swe", backend=backend, test_timeout=120)
-    script = iter([[ToolCall(str(i), "bash", {"command": c})] for i, c in enumerate(COMMANDS)]
-                  + [[ToolCall("e", "edit", {"path": "calc/__init__.py", "old_str": "a - b",
-                                             "new_str": "a + b"})],
-                     [ToolCall("s", "submit", {})]])
-    rec = run_episode(env, task, lambda m, t: next(script), max_turns=len(COMMANDS) + 2)
-    if rec["error"] or rec["reward"] != 1.0:
-      raise RuntimeError(f"bench episode failed: {rec['error'] or rec['info']}")
+    script = ([[ToolCall(str(i), "bash", {"command": c})] for i, c in enumerate(COMMANDS)]
+              + [[ToolCall("e", "edit", {"path": "calc/__init__.py", "old_str": "a - b",
+                                         "new_str": "a + b"})],
+                 [ToolCall("s", "submit", {})]])
+    rec = run_scripted(env, task, script, max_turns=len(COMMANDS) + 2)
+    if rec.error or rec.reward != 1.0:
+      raise RuntimeError(f"bench episode failed: {rec.error or rec.info}")
     return rec
 
   start = time.monotonic()

@@ -22,6 +22,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from katjax.core.tree import NORMS
+
 
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
@@ -55,8 +57,8 @@ class PolicyLossConfig:
       raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
     if self.tis_cap is not None and self.tis_cap <= 0:
       raise ValueError(f"tis_cap must be > 0 (or None), got {self.tis_cap}")
-    if self.norm not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-      raise ValueError(f"unknown norm {self.norm!r}")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
 
 def token_logprobs(logits, batch):
@@ -86,7 +88,7 @@ def tree_policy_loss(logp, old_logp, batch, cfg: PolicyLossConfig, entropy=None)
   """logp, old_logp float32[R, S] (tree form) -> (loss_sum float32[], metrics: dict of sums).
 
   batch: pos_weight, neg_weight, kl_weight, count, pos_count, neg_count, mult, denom
-  (from `TreeBatch.arrays()`), plus rollout_logp if cfg.tis_cap and ref_logp if
+  (from `TreeBatch.arrays()`), plus logprobs (the sampler's) if cfg.tis_cap and ref_logp if
   cfg.kl_coef. old_logp is treated as a constant. Metrics are sums, so they add up over
   micro-batches (`summarize` turns them into means): denom, trained_tokens,
   clipped_tokens, approx_kl_sum (k3 of old -> new), kl_ref_sum, entropy_sum,
@@ -107,7 +109,7 @@ def tree_policy_loss(logp, old_logp, batch, cfg: PolicyLossConfig, entropy=None)
     f_neg = jnp.minimum(f_neg, cfg.dual_clip)
   pg = -(p * f_pos + n * f_neg)
   if cfg.tis_cap is not None:
-    gap = jnp.where(active, old_logp - batch["rollout_logp"].astype(f32), 0.0)
+    gap = jnp.where(active, old_logp - batch["logprobs"].astype(f32), 0.0)
     pg = pg * jnp.exp(jnp.minimum(gap, jnp.log(cfg.tis_cap)))
   per_token = pg
   kl_ref = jnp.zeros_like(logp)

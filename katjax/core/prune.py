@@ -29,8 +29,8 @@ from typing import NamedTuple
 import numpy as np
 
 from katjax.core import prune_jit
-from katjax.core.tree import (MEMORY, TOOL_CALL, TOOL_RESULT, PrefixTree, Trajectory,
-                              build_tree)
+from katjax.core.fields import MEMORY, TOOL_CALL, TOOL_RESULT
+from katjax.core.tree import PrefixTree, build_tree
 from katjax.core.tree_pack import pack_trees
 
 SELECTORS = ("entropy", "truncation", "random")
@@ -54,7 +54,7 @@ class Nodes(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
-  """Pruning options. protect_flags: event bits (tree.TOOL_CALL | ...) that protect a node;
+  """Pruning options. protect_flags: event bits (fields.TOOL_CALL | ...) that protect a node;
   protect_multi_call: also protect turns with >= 2 separate tool-call spans;
   split_turns / max_node_tokens: split nodes at turn boundaries / into pieces of at most
   this many tokens (0: no limit); norm: loss normaliser used for P, N (the signal weight).
@@ -254,7 +254,9 @@ def prune_groups(groups, budget: int, cfg: PruneConfig = PruneConfig()):
   for i, (tree, (_, split)) in enumerate(zip(trees, parts)):
     keep = kept[offsets[i]:offsets[i + 1]]
     if keep.any():
-      out.append(_truncate(tree, np.repeat(keep, split["length"])))
+      # Non-finite token entropies (counted in info) are stored as 0 in the pruned tree.
+      clean = dataclasses.replace(tree, entropy=clean_entropy(tree.entropy)[0])
+      out.append(clean.truncate(np.repeat(keep, split["length"])))
     else:
       dropped.append(i)
   info = {"tokens": int(forest.cost.sum()), "kept_tokens": int(forest.cost[kept].sum()),
@@ -353,25 +355,3 @@ def _check_kept(nodes: Nodes, budget: int, kept: np.ndarray) -> np.ndarray:
             f"the first root to expand (roots cost {int(roots.min())}-{int(roots.max())} tokens)")
     raise ValueError(f"budget {budget} is smaller than {what}: nothing can be kept")
   return kept
-
-
-def _truncate(tree, kept_tokens: np.ndarray):
-  """The tree rebuilt from the kept prefix of each branch (kept_tokens: bool[T], closed
-  under token parents). Like PrefixTree.subtree, at token rather than node granularity;
-  non-finite entropies are stored as 0.
-  """
-  on_path = tree.node_member[tree.node_of].T  # [B, T]; a path's tokens are in index order
-  entropy = clean_entropy(tree.entropy)[0]
-  trajs, ids = [], []
-  for b in range(tree.num_branches):
-    path = np.flatnonzero(on_path[b] & kept_tokens)
-    if path.size:
-      trajs.append(Trajectory(tokens=tree.tokens[path], loss_mask=tree.branch_mask[b, path],
-                              logprobs=tree.logprobs[path], entropy=entropy[path],
-                              flags=tree.flags[path], reward=tree.rewards[b],
-                              advantage=tree.advantages[b], group_id=tree.group_ids[b],
-                              policy_version=tree.versions[b]))
-      ids.append(int(tree.branch_ids[b]))
-  out = build_tree(trajs)
-  out.branch_ids = np.asarray(ids, np.int32)
-  return out

@@ -1,18 +1,20 @@
-"""Trajectory prefix trees (host side, NumPy): build, prune to a node subset, pack, unpack.
+"""Trajectory prefix trees (host side, NumPy): build, restrict to a kept subset, read back.
 
 A group of trajectories of one task shares long prefixes (system prompt, task, early turns).
 `build_tree` merges them into a trie and compresses single-child chains into nodes; the
 layout is pre-order DFS with every node's tokens contiguous (DESIGN.md section 2).
 
-Two trajectories share a token iff they agree on it and on everything before it: the token
-id, the rollout logprob, the rollout entropy and the event flags (so every per-token field
-has ONE value in the tree; tree rollouts copy these for the shared prefix, so they match
-exactly). The loss mask is the one per-token field that may differ between branches that
-share a token: it is kept per branch (`branch_mask`) and aggregated into the loss weights
-P, N, K by `PrefixTree.token_weights`.
+The per-token fields and how each merges are declared once in `core.fields`. Two
+trajectories share a token iff they agree on it and on everything before it in every "key"
+field: the token id, the rollout logprob, the rollout entropy and the event flags (tree
+rollouts copy these for the shared prefix, so they match exactly). The loss mask may differ
+between branches that share a token: it is kept per branch (`branch_mask`) and aggregated
+into the loss weights P, N, K by `PrefixTree.token_weights`. `version` keeps the earliest
+(smallest) version of the branches through a shared token.
 
-`pack_trees` places whole trees into fixed-shape rows (first-fit decreasing) and returns a
-`TreeBatch`; `unpack` rebuilds the flat trajectories from it exactly.
+`PrefixTree.subtree` (node ids) and `PrefixTree.truncate` (a token mask, used by pruning)
+are one routine: rebuild the tree from the kept prefix of every branch. Packing into
+fixed-shape rows is `core.tree_pack` (which imports this module, never the reverse).
 """
 
 from __future__ import annotations
@@ -21,33 +23,26 @@ import dataclasses
 
 import numpy as np
 
-# Event flags (bit field, per token).
-TOOL_CALL = 1
-TOOL_RESULT = 2
-MEMORY = 4
+from katjax.core import fields
+from katjax.core.fields import BRANCH_FIELDS, KEY_FIELDS, MIN_FIELDS, TOKEN_FIELDS, TREE_FIELDS
 
 NORMS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
 @dataclasses.dataclass(eq=False)
+@fields.token_attributes(optional=True)
+@fields.branch_attributes(plural=False)
 class Trajectory:
-  """One rollout. tokens int32[L]; per token: loss_mask int8, logprobs/entropy float32, flags.
+  """One rollout: tokens int32[L] and one [L] array per declared field (`core.fields`):
+  loss_mask int8, logprobs / entropy float32, flags int32, version int32; and the scalars
+  reward, advantage, group_id, policy_version.
 
   loss_mask[t] = 1 where token t is trained (tokens the policy generated); loss_mask[0] must
   be 0 (the first token has nothing to be predicted from). logprobs are the rollout
   (sampler) logprobs, used for truncated importance weights. flags is a bit field of
-  TOOL_CALL / TOOL_RESULT / MEMORY. Missing per-token arrays default to zeros.
+  fields.TOOL_CALL / TOOL_RESULT / MEMORY / TOOL_ERROR. Missing per-token arrays are filled
+  with the field's pad value (zeros).
   """
-
-  tokens: np.ndarray
-  loss_mask: np.ndarray | None = None
-  logprobs: np.ndarray | None = None
-  entropy: np.ndarray | None = None
-  flags: np.ndarray | None = None
-  reward: float = 0.0
-  advantage: float = 0.0
-  group_id: int = 0
-  policy_version: int = 0
 
   def __post_init__(self):
     tokens = np.asarray(self.tokens)
@@ -56,31 +51,22 @@ class Trajectory:
                        f"{tokens.shape}")
     if not np.issubdtype(tokens.dtype, np.integer):
       raise ValueError(f"Trajectory.tokens must be integers, got dtype {tokens.dtype}")
-    n = tokens.size
-    self.tokens = tokens.astype(np.int32)
-    for name, dtype in (("loss_mask", np.int8), ("logprobs", np.float32),
-                        ("entropy", np.float32), ("flags", np.int32)):
-      value = getattr(self, name)
-      arr = np.zeros(n, dtype) if value is None else np.asarray(value)
-      if arr.shape != (n,):
-        raise ValueError(f"Trajectory.{name} has shape {arr.shape} but tokens has {n} tokens; "
-                         f"per-token arrays must all have length {n}")
-      setattr(self, name, arr.astype(dtype))
+    values = {f.name: getattr(self, f.name) for f in TOKEN_FIELDS}
+    for name, arr in fields.token_arrays("Trajectory", values, tokens.size).items():
+      setattr(self, name, arr)
     if not np.isin(self.loss_mask, (0, 1)).all():
       raise ValueError("Trajectory.loss_mask must contain only 0 and 1")
     if self.loss_mask[0]:
       raise ValueError("Trajectory.loss_mask[0] must be 0: the first token has no context "
                        "that predicts it")
-    for name in ("logprobs", "entropy"):
-      if not np.isfinite(getattr(self, name)).all():
-        raise ValueError(f"Trajectory.{name} contains NaN or inf")
-    for name in ("reward", "advantage"):
-      value = float(getattr(self, name))
+    for f in TOKEN_FIELDS:
+      if np.issubdtype(f.dtype, np.floating) and not np.isfinite(getattr(self, f.name)).all():
+        raise ValueError(f"Trajectory.{f.name} contains NaN or inf")
+    for b in BRANCH_FIELDS:
+      value = b.dtype(getattr(self, b.name)).item()
       if not np.isfinite(value):
-        raise ValueError(f"Trajectory.{name} must be finite, got {value}")
-      setattr(self, name, value)
-    self.group_id = int(self.group_id)
-    self.policy_version = int(self.policy_version)
+        raise ValueError(f"Trajectory.{b.name} must be finite, got {value}")
+      setattr(self, b.name, value)
 
   def __len__(self):
     return int(self.tokens.size)
@@ -88,15 +74,14 @@ class Trajectory:
   def equals(self, other: "Trajectory") -> bool:
     """Exact equality of every field (arrays compared element-wise)."""
     return (isinstance(other, Trajectory)
-            and all(np.array_equal(getattr(self, f), getattr(other, f)) for f in _ARRAYS)
-            and all(getattr(self, f) == getattr(other, f) for f in _SCALARS))
-
-
-_ARRAYS = ("tokens", "loss_mask", "logprobs", "entropy", "flags")
-_SCALARS = ("reward", "advantage", "group_id", "policy_version")
+            and all(np.array_equal(getattr(self, f.name), getattr(other, f.name))
+                    for f in TOKEN_FIELDS)
+            and all(getattr(self, b.name) == getattr(other, b.name) for b in BRANCH_FIELDS))
 
 
 @dataclasses.dataclass(eq=False)
+@fields.token_attributes(exclude=("loss_mask",))
+@fields.branch_attributes(plural=True)
 class PrefixTree:
   """A compressed trie of one group. T tree tokens, N nodes, B branches (= trajectories).
 
@@ -104,32 +89,27 @@ class PrefixTree:
     node_start int32[N], node_len int32[N] (its token cost), node_parent int32[N],
     node_end int32[N] (one past the last token of its subtree), node_member bool[N, B]
     (branches through the node; `node_branches(n)` lists them).
-  Token level: tokens, positions (= depth = linear position in its trajectory), parent (the
-    token whose logits predict it; -1 for a root's first token), subtree_end, node_of,
-    logprobs, entropy, flags: [T]; branch_mask int8[B, T] (m_b(t), 0 off the branch's path).
-  Branch level: advantages, rewards float64[B], group_ids, versions int32[B], branch_end
-    int32[B] (tree index of each branch's last token), branch_ids int32[B] (index of the
-    trajectory in the group given to `build_tree`, kept through `subtree`).
+  Token level: positions (= depth = linear position in its trajectory), parent (the token
+    whose logits predict it; -1 for a root's first token), subtree_end, node_of: [T]; one [T]
+    array per declared token field but the loss mask (tokens, logprobs, entropy, flags,
+    version; merged as `core.fields` says); branch_mask int8[B, T] (the loss mask m_b(t) of
+    each branch, 0 off the branch's path).
+  Branch level: rewards, advantages float64[B], group_ids, policy_versions int32[B] (the
+    plural of each Trajectory scalar), branch_end int32[B] (tree index of each branch's last
+    token), branch_ids int32[B] (index of the trajectory in the group given to
+    `build_tree`, kept through `subtree`).
   """
 
-  tokens: np.ndarray
   positions: np.ndarray
   parent: np.ndarray
   subtree_end: np.ndarray
   node_of: np.ndarray
-  logprobs: np.ndarray
-  entropy: np.ndarray
-  flags: np.ndarray
   branch_mask: np.ndarray
   node_start: np.ndarray
   node_len: np.ndarray
   node_parent: np.ndarray
   node_end: np.ndarray
   node_member: np.ndarray
-  advantages: np.ndarray
-  rewards: np.ndarray
-  group_ids: np.ndarray
-  versions: np.ndarray
   branch_end: np.ndarray
   branch_ids: np.ndarray
 
@@ -192,16 +172,11 @@ class PrefixTree:
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
   def trajectories(self) -> list[Trajectory]:
-    """The flat trajectories, in branch order (exactly those given to `build_tree`)."""
-    out = []
-    for b in range(self.num_branches):
-      path = _path(self.parent, int(self.branch_end[b]))
-      out.append(Trajectory(tokens=self.tokens[path], loss_mask=self.branch_mask[b, path],
-                            logprobs=self.logprobs[path], entropy=self.entropy[path],
-                            flags=self.flags[path], reward=self.rewards[b],
-                            advantage=self.advantages[b], group_id=self.group_ids[b],
-                            policy_version=self.versions[b]))
-    return out
+    """The flat trajectories, in branch order (exactly those given to `build_tree`, up to
+    the "min" merge of fields like `version` on shared tokens)."""
+    return [path_trajectory(self, None, b, path_to(self.parent, int(self.branch_end[b])),
+                            self.branch_mask[b])
+            for b in range(self.num_branches)]
 
   def subtree(self, kept_nodes) -> "PrefixTree":
     """The tree restricted to an ancestor-closed set of node ids (a pruned tree).
@@ -211,10 +186,10 @@ class PrefixTree:
     re-compressed, so node ids of the result are new; P, N, K from `token_weights` are over
     kept tokens only (w_b of seq-mean-token-mean uses the kept length of the branch).
     """
-    kept = np.zeros(self.num_nodes, bool)
     ids = np.asarray(list(kept_nodes), dtype=np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= self.num_nodes):
       raise ValueError(f"kept node ids must lie in [0, {self.num_nodes})")
+    kept = np.zeros(self.num_nodes, bool)
     kept[ids] = True
     par = self.node_parent
     orphan = kept & (par >= 0) & ~kept[np.maximum(par, 0)]
@@ -222,29 +197,39 @@ class PrefixTree:
       n = int(np.flatnonzero(orphan)[0])
       raise ValueError(f"kept nodes are not ancestor-closed: node {n} is kept but its parent "
                        f"{int(par[n])} is not")
+    return self.truncate(kept[self.node_of])
+
+  def truncate(self, kept_tokens) -> "PrefixTree":
+    """The tree rebuilt from the kept prefix of every branch (kept_tokens: bool[T], closed
+    under `parent`): `subtree` at token granularity (pruning cuts inside nodes)."""
+    kept = np.asarray(kept_tokens, bool)
+    if kept.shape != (self.num_tokens,):
+      raise ValueError(f"kept_tokens must be bool[{self.num_tokens}], got shape {kept.shape}")
     if not kept.any():
-      raise ValueError("subtree: no node kept")
-    trajs, keep_ids = [], []
-    for t, b in zip(self.trajectories(), range(self.num_branches)):
-      path = _path(self.parent, int(self.branch_end[b]))
-      n_kept = int(np.sum(kept[self.node_of[path]]))  # kept part of a path is a prefix
-      if n_kept:
-        trajs.append(Trajectory(tokens=t.tokens[:n_kept], loss_mask=t.loss_mask[:n_kept],
-                                logprobs=t.logprobs[:n_kept], entropy=t.entropy[:n_kept],
-                                flags=t.flags[:n_kept], reward=t.reward,
-                                advantage=t.advantage, group_id=t.group_id,
-                                policy_version=t.policy_version))
-        keep_ids.append(int(self.branch_ids[b]))
+      raise ValueError("subtree: no token kept")
+    orphan = kept & (self.parent >= 0) & ~kept[np.maximum(self.parent, 0)]
+    if orphan.any():
+      i = int(np.flatnonzero(orphan)[0])
+      raise ValueError(f"kept tokens are not ancestor-closed: token {i} is kept but its "
+                       f"parent {int(self.parent[i])} is not")
+    on_path = self.node_member[self.node_of].T  # [B, T]; a path's tokens are in index order
+    trajs, ids = [], []
+    for b in range(self.num_branches):
+      path = np.flatnonzero(on_path[b] & kept)
+      if path.size:
+        trajs.append(path_trajectory(self, None, b, path, self.branch_mask[b]))
+        ids.append(int(self.branch_ids[b]))
     tree = build_tree(trajs)
-    tree.branch_ids = np.asarray(keep_ids, np.int32)
+    tree.branch_ids = np.asarray(ids, np.int32)
     return tree
 
 
 def build_tree(trajectories) -> PrefixTree:
   """Merge a group of `Trajectory` into a `PrefixTree` (trie, single-child chains compressed).
 
-  A node ends where the branches through it diverge or where one of them ends, so every
-  node has one branch set. Children are ordered by their lowest branch id (deterministic).
+  A node ends where the branches through it diverge (a "key" field differs) or where one of
+  them ends, so every node has one branch set. Children are ordered by their lowest branch
+  id (deterministic). "min" fields (`version`) keep the smallest value of the node's branches.
   """
   trajs = list(trajectories)
   if not trajs:
@@ -273,11 +258,31 @@ def build_tree(trajectories) -> PrefixTree:
   return _layout(trajs, nodes)
 
 
+def path_trajectory(source, row: int | None, b: int, path, loss_mask) -> Trajectory:
+  """Branch b of a tree or a packed batch as a Trajectory: the tree fields at token indices
+  `path` (of row `row` of a [R, S] batch; None for a tree's [T] arrays), its loss mask at
+  `path`, and its per-branch scalars. The one place a Trajectory is read back."""
+  take = (lambda a: a[path]) if row is None else (lambda a: a[row, path])  # noqa: E731
+  return Trajectory(loss_mask=np.asarray(loss_mask)[path],
+                    **{n: take(getattr(source, n)) for n in TREE_FIELDS},
+                    **{f.name: getattr(source, f.plural)[b] for f in BRANCH_FIELDS})
+
+
+def path_to(parent, end: int) -> np.ndarray:
+  """int64[L]: token indices from the root to `end` (following `parent`)."""
+  out = []
+  i = end
+  while i >= 0:
+    out.append(i)
+    i = int(parent[i])
+  return np.array(out[::-1], np.int64)
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 
 def _key(t: Trajectory, i: int):
-  return (int(t.tokens[i]), float(t.logprobs[i]), float(t.entropy[i]), int(t.flags[i]))
+  return tuple(getattr(t, f)[i].item() for f in KEY_FIELDS)
 
 
 def _common_extension(trajs, members, depth) -> int:
@@ -287,7 +292,7 @@ def _common_extension(trajs, members, depth) -> int:
   for b in members[1:]:
     t = trajs[b]
     same = np.ones(limit, bool)
-    for f in ("tokens", "logprobs", "entropy", "flags"):
+    for f in KEY_FIELDS:
       same &= getattr(t, f)[depth:depth + limit] == getattr(first, f)[depth:depth + limit]
     diff = np.flatnonzero(~same)
     if diff.size:
@@ -317,40 +322,25 @@ def _layout(trajs, nodes) -> PrefixTree:
   parent = np.where(first, par_last[node_of], idx - 1).astype(np.int32)
   depth0 = np.array([n[0] for n in nodes], np.int32)
   positions = (depth0[node_of] + idx - node_start[node_of]).astype(np.int32)
-  fields = {f: np.zeros(total, getattr(trajs[0], f).dtype)
-            for f in ("tokens", "logprobs", "entropy", "flags")}
+  per_token = {f: fields.pad_array(f, total) for f in TREE_FIELDS}
   branch_mask = np.zeros((n_br, total), np.int8)
   branch_end = np.zeros(n_br, np.int32)
   for i, (depth, length, _, members) in enumerate(nodes):
-    s = node_start[i]
-    src = trajs[members[0]]
-    for f in fields:
-      fields[f][s:s + length] = getattr(src, f)[depth:depth + length]
+    s, span = node_start[i], slice(depth, depth + length)
+    for f in TREE_FIELDS:  # "key" fields are equal on all members; "min" ones start here
+      per_token[f][s:s + length] = getattr(trajs[members[0]], f)[span]
     for b in members:
-      branch_mask[b, s:s + length] = trajs[b].loss_mask[depth:depth + length]
+      for f in MIN_FIELDS:
+        np.minimum(per_token[f][s:s + length], getattr(trajs[b], f)[span],
+                   out=per_token[f][s:s + length])
+      branch_mask[b, s:s + length] = trajs[b].loss_mask[span]
       if len(trajs[b]) == depth + length:
         branch_end[b] = s + length - 1
+  per_branch = {f.plural: np.array([getattr(t, f.name) for t in trajs], f.dtype)
+                for f in BRANCH_FIELDS}
   return PrefixTree(
       positions=positions, parent=parent, subtree_end=node_end[node_of], node_of=node_of,
       branch_mask=branch_mask, node_start=node_start, node_len=node_len,
       node_parent=node_parent, node_end=node_end, node_member=member,
-      advantages=np.array([t.advantage for t in trajs], np.float64),
-      rewards=np.array([t.reward for t in trajs], np.float64),
-      group_ids=np.array([t.group_id for t in trajs], np.int32),
-      versions=np.array([t.policy_version for t in trajs], np.int32),
-      branch_end=branch_end, branch_ids=np.arange(n_br, dtype=np.int32), **fields)
-
-
-def _path(parent, end: int) -> np.ndarray:
-  """Token indices from the root to `end` (following `parent`)."""
-  out = []
-  i = end
-  while i >= 0:
-    out.append(i)
-    i = int(parent[i])
-  return np.array(out[::-1], np.int64)
-
-
-# pack_trees / unpack live in tree_pack (this file's size); imported last since they use the
-# classes above.
-from katjax.core.tree_pack import TreeBatch, pack_trees, unpack  # noqa: E402,F401
+      branch_end=branch_end, branch_ids=np.arange(n_br, dtype=np.int32), **per_token,
+      **per_branch)

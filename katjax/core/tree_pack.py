@@ -2,7 +2,10 @@
 
 Whole trees go into rows of `max_tokens` tokens, first-fit decreasing by token count; a tree
 is never split across rows (its tokens attend to its shared prefix). Padding tokens get
-`subtree_end[i] = i + 1`, `parent = -1` and zero weights. Import from `katjax.core.tree`.
+`subtree_end[i] = i + 1`, `parent = -1`, zero weights and every declared field's pad value.
+The per-token fields travel under their declared names (`core.fields`); those marked
+`device` (tokens, logprobs, version) join the tree structure and the loss weights in the
+device batch `TreeBatch.arrays()`.
 """
 
 from __future__ import annotations
@@ -11,29 +14,36 @@ import dataclasses
 
 import numpy as np
 
-# Arrays [R, S] the loss needs on device (`TreeBatch.arrays()`); the rest is host-side.
-DEVICE_KEYS = ("tokens", "positions", "subtree_end", "parent", "pos_weight", "neg_weight",
-               "kl_weight", "count", "pos_count", "neg_count", "mult", "rollout_logp",
+from katjax.core import fields
+from katjax.core.fields import BRANCH_FIELDS, DEVICE_FIELDS, TOKEN_FIELDS, TREE_FIELDS
+from katjax.core.tree import PrefixTree, build_tree, path_to, path_trajectory
+
+# `PrefixTree.token_weights` arrays, float32 [R, S] in the batch.
+WEIGHT_KEYS = ("pos_weight", "neg_weight", "kl_weight", "count", "pos_count", "neg_count",
                "denom")
+# Arrays [R, S] the loss needs on device (`TreeBatch.arrays()`); the rest is host-side.
+DEVICE_KEYS = DEVICE_FIELDS + ("positions", "subtree_end", "parent", "mult") + WEIGHT_KEYS
 
 
 @dataclasses.dataclass(eq=False)
+@fields.token_attributes()
+@fields.branch_attributes(plural=True)
 class TreeBatch:
   """R rows of S tokens holding whole trees. NumPy; `arrays()` is the device pytree.
 
-  Per token [R, S]: tokens, positions, subtree_end, parent (row index of the predicting
-  token, -1 for roots and padding) int32; pos_weight P, neg_weight N, kl_weight K, count,
-  pos_count, neg_count float32 (see `PrefixTree.token_weights`); mult int32 (branches
-  through the token, 0 on padding); rollout_logp, entropy float32; flags int32.
-  denom float32[R, S] (its sum is the loss denominator for `norm`).
-  Host-side, for `unpack`: mask int8[R, S] (mask of the lowest branch through the token),
-  mask_exceptions int32[E, 3] (branch, row, index where that branch's mask differs),
-  per branch (all trees, input order): branch_row, branch_end int32; advantages, rewards
-  float64; group_ids, versions, branch_ids int32; per tree: tree_row, tree_offset int32,
+  Per token [R, S]: one array per declared token field (tokens, logprobs, entropy, flags,
+  version; loss_mask int8 is the mask of the lowest branch through the token, host-side),
+  positions, subtree_end, parent (row index of the predicting token, -1 for roots and
+  padding) int32; pos_weight P, neg_weight N, kl_weight K, count, pos_count, neg_count,
+  denom float32 (see `PrefixTree.token_weights`; the sum of denom is the loss denominator
+  for `norm`); mult int32 (branches through the token, 0 on padding).
+  Host-side, for `unpack`: loss_mask_exceptions int32[E, 3] (branch, row, index where that
+  branch's loss mask differs from `loss_mask`); per branch (all trees, input order): the
+  plural of each Trajectory scalar (rewards, advantages, group_ids, policy_versions),
+  branch_row, branch_end, branch_ids int32; per tree: tree_row, tree_offset int32,
   tree_branch_start int32[n_trees + 1].
   """
 
-  tokens: np.ndarray
   positions: np.ndarray
   subtree_end: np.ndarray
   parent: np.ndarray
@@ -43,27 +53,19 @@ class TreeBatch:
   count: np.ndarray
   pos_count: np.ndarray
   neg_count: np.ndarray
-  mult: np.ndarray
-  rollout_logp: np.ndarray
-  entropy: np.ndarray
-  flags: np.ndarray
   denom: np.ndarray
+  mult: np.ndarray
   norm: str
-  mask: np.ndarray
-  mask_exceptions: np.ndarray
+  loss_mask_exceptions: np.ndarray
   branch_row: np.ndarray
   branch_end: np.ndarray
-  advantages: np.ndarray
-  rewards: np.ndarray
-  group_ids: np.ndarray
-  versions: np.ndarray
   branch_ids: np.ndarray
   tree_row: np.ndarray
   tree_offset: np.ndarray
   tree_branch_start: np.ndarray
 
   def arrays(self) -> dict:
-    """The device batch: {name: np.ndarray [R, S] or [R]} for `katjax.core.losses`."""
+    """The device batch: {name: np.ndarray [R, S]} for `katjax.core.losses`."""
     return {k: getattr(self, k) for k in DEVICE_KEYS}
 
   @property
@@ -76,14 +78,12 @@ class TreeBatch:
 
 
 def pack_trees(trees, max_tokens: int, *, norm: str = "token-mean",
-               num_rows: int | None = None) -> "TreeBatch":
+               num_rows: int | None = None) -> TreeBatch:
   """Pack `PrefixTree`s (or groups: lists of Trajectory) into rows of `max_tokens` tokens.
 
   num_rows: fixed number of rows (extra rows are all padding; a ValueError if the trees do
   not fit); default: as many as first-fit needs. The loss weights use `norm`.
   """
-  from katjax.core.tree import PrefixTree, build_tree
-
   if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
     raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
   trees = [t if isinstance(t, PrefixTree) else build_tree(t) for t in trees]
@@ -116,72 +116,58 @@ def pack_trees(trees, max_tokens: int, *, norm: str = "token-mean",
   return _fill(trees, placement, n_rows, int(max_tokens), norm)
 
 
-def unpack(batch: "TreeBatch") -> list:
+def unpack(batch: TreeBatch) -> list:
   """The flat trajectories of every tree of `batch` (tree input order, then branch order)."""
-  from katjax.core.tree import Trajectory, _path
-
   flips = {}
-  for b, r, i in batch.mask_exceptions:
+  for b, r, i in batch.loss_mask_exceptions:
     flips.setdefault(int(b), []).append((int(r), int(i)))
   out = []
   for b in range(batch.branch_row.size):
     r = int(batch.branch_row[b])
-    path = _path(batch.parent[r], int(batch.branch_end[b]))
-    mask = batch.mask[r].copy()
+    mask = batch.loss_mask[r].copy()
     for _, i in flips.get(b, ()):
       mask[i] = 1 - mask[i]
-    out.append(Trajectory(tokens=batch.tokens[r, path], loss_mask=mask[path],
-                          logprobs=batch.rollout_logp[r, path], entropy=batch.entropy[r, path],
-                          flags=batch.flags[r, path], reward=batch.rewards[b],
-                          advantage=batch.advantages[b], group_id=batch.group_ids[b],
-                          policy_version=batch.versions[b]))
+    path = path_to(batch.parent[r], int(batch.branch_end[b]))
+    out.append(path_trajectory(batch, r, b, path, mask))
   return out
 
 
-def _fill(trees, placement, n_rows, size, norm) -> "TreeBatch":
+def _fill(trees, placement, n_rows, size, norm) -> TreeBatch:
   shape = (n_rows, size)
   idx = np.broadcast_to(np.arange(size, dtype=np.int32), shape)
-  a = {"tokens": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32),
-       "subtree_end": (idx + 1).astype(np.int32), "parent": np.full(shape, -1, np.int32),
-       "mult": np.zeros(shape, np.int32), "flags": np.zeros(shape, np.int32),
-       "mask": np.zeros(shape, np.int8)}
-  for k in ("denom", "pos_weight", "neg_weight", "kl_weight", "count", "pos_count", "neg_count",
-            "rollout_logp", "entropy"):
-    a[k] = np.zeros(shape, np.float32)
-  branch = {k: [] for k in ("branch_row", "branch_end", "advantages", "rewards", "group_ids",
-                            "versions", "branch_ids")}
+  a = {f.name: fields.pad_array(f.name, size * n_rows).reshape(shape) for f in TOKEN_FIELDS}
+  a.update({k: np.zeros(shape, np.float32) for k in WEIGHT_KEYS})
+  a.update(positions=np.zeros(shape, np.int32), subtree_end=(idx + 1).astype(np.int32),
+           parent=np.full(shape, -1, np.int32), mult=np.zeros(shape, np.int32))
+  branch = {k: [] for k in ["branch_row", "branch_end", "branch_ids"]
+            + [f.plural for f in BRANCH_FIELDS]}
   exceptions, starts = [], [0]
   for tree, (r, o) in zip(trees, placement):
     s = slice(o, o + tree.num_tokens)
-    a["tokens"][r, s] = tree.tokens
-    a["positions"][r, s] = tree.positions
+    for k in TREE_FIELDS + ("positions",):
+      a[k][r, s] = getattr(tree, k)
     a["subtree_end"][r, s] = tree.subtree_end + o
     a["parent"][r, s] = np.where(tree.parent >= 0, tree.parent + o, -1)
     a["mult"][r, s] = tree.node_member.sum(axis=1)[tree.node_of]
-    a["flags"][r, s] = tree.flags
-    a["rollout_logp"][r, s] = tree.logprobs
-    a["entropy"][r, s] = tree.entropy
     for k, v in tree.token_weights(norm).items():
       a[k][r, s] = v
-    # Mask of the lowest branch through each token, plus where other branches differ.
+    # Loss mask of the lowest branch through each token, plus where other branches differ.
     first = np.argmax(tree.node_member, axis=1)[tree.node_of]
     ref = tree.branch_mask[first, np.arange(tree.num_tokens)]
-    a["mask"][r, s] = ref
+    a["loss_mask"][r, s] = ref
     on_path = tree.node_member[tree.node_of].T  # [B, T]
     base = starts[-1]
     for b, i in np.argwhere(on_path & (tree.branch_mask != ref[None])):
       exceptions.append((base + b, r, o + i))
     branch["branch_row"] += [r] * tree.num_branches
     branch["branch_end"] += list(tree.branch_end + o)
-    for k, src in (("advantages", "advantages"), ("rewards", "rewards"),
-                   ("group_ids", "group_ids"), ("versions", "versions"),
-                   ("branch_ids", "branch_ids")):
-      branch[k] += list(getattr(tree, src))
+    for k in ["branch_ids"] + [f.plural for f in BRANCH_FIELDS]:
+      branch[k] += list(getattr(tree, k))
     starts.append(base + tree.num_branches)
-  dtypes = {"advantages": np.float64, "rewards": np.float64}
+  dtypes = {f.plural: f.dtype for f in BRANCH_FIELDS}
   branch = {k: np.asarray(v, dtypes.get(k, np.int32)) for k, v in branch.items()}
   return TreeBatch(
-      norm=norm, mask_exceptions=np.asarray(exceptions, np.int32).reshape(-1, 3),
+      norm=norm, loss_mask_exceptions=np.asarray(exceptions, np.int32).reshape(-1, 3),
       tree_row=np.array([p[0] for p in placement], np.int32),
       tree_offset=np.array([p[1] for p in placement], np.int32),
       tree_branch_start=np.asarray(starts, np.int32), **a, **branch)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 __all__ = [
   "ToolCall", "ToolError", "Environment", "register_env", "make_env", "list_envs",
-  "load_tasks", "tool_spec",
+  "load_tasks", "tool_spec", "check_tool_call",
 ]
 
 
@@ -60,6 +60,37 @@ def tool_spec(name: str, description: str, properties: dict | None = None,
                    "required": list(required if required is not None else properties)}}}
 
 
+def check_tool_call(call: ToolCall, specs: dict, *, types: bool = False) -> str | None:
+  """What is wrong with `call` against the tool specs {name: OpenAI function spec}, or None.
+
+  The one tool-argument check: unknown tool, arguments that are not a JSON object (or not
+  valid JSON), missing required / unexpected arguments and, with `types`, arguments of the
+  wrong JSON type. `Environment.call_tool` raises its answer as a ToolError without `types`
+  (tools coerce their arguments, e.g. str(answer)); the RFT deviation monitor
+  (`katjax.rollout.deviation`) counts it with `types` (a schema deviation).
+  """
+  spec = specs.get(call.name)
+  if spec is None:
+    names = ", ".join(specs) or "none"
+    return f"unknown tool {call.name!r}; available tools: {names}"
+  args = call.arguments
+  if isinstance(args, dict) and "__invalid_json__" in args:
+    return (f"arguments of {call.name!r} are not a JSON object: not valid JSON "
+            f"({args['__invalid_json__']})")
+  if not isinstance(args, dict):
+    return f"arguments of {call.name!r} are not a JSON object"
+  params = spec.get("parameters", {})
+  props = params.get("properties", {})
+  missing = [k for k in params.get("required", []) if k not in args]
+  extra = [k for k in args if k not in props]
+  wrong = [k for k, v in args.items()
+           if types and k in props and not _json_type_ok(v, props[k].get("type"))]
+  if missing or extra or wrong:
+    return (f"bad arguments for {call.name!r}: missing {missing}, unexpected {extra}"
+            + (f", wrong type {wrong}" if types else ""))
+  return None
+
+
 class Environment(abc.ABC):
   """Base class of every environment.
 
@@ -88,23 +119,12 @@ class Environment(abc.ABC):
 
   def call_tool(self, call: ToolCall) -> str:
     """Runs one tool call and returns its observation; raises ToolError for a bad call."""
-    spec = next((t["function"] for t in self.tools if t["function"]["name"] == call.name), None)
-    method = getattr(self, f"tool_{call.name}", None)
-    if spec is None or method is None:
-      names = ", ".join(t["function"]["name"] for t in self.tools) or "none"
-      raise ToolError(f"unknown tool {call.name!r}; available tools: {names}")
-    if not isinstance(call.arguments, dict):
-      raise ToolError(f"arguments of {call.name!r} must be a JSON object")
-    if "__invalid_json__" in call.arguments:
-      raise ToolError(f"arguments of {call.name!r} are not valid JSON: "
-                      f"{call.arguments['__invalid_json__']}")
-    params = spec.get("parameters", {})
-    allowed = set(params.get("properties", {}))
-    missing = [k for k in params.get("required", []) if k not in call.arguments]
-    extra = [k for k in call.arguments if k not in allowed]
-    if missing or extra:
-      raise ToolError(f"bad arguments for {call.name!r}: missing {missing}, unexpected {extra}")
-    return str(method(**call.arguments))
+    specs = {t["function"]["name"]: t["function"] for t in self.tools
+             if hasattr(self, f"tool_{t['function']['name']}")}
+    problem = check_tool_call(call, specs)
+    if problem:
+      raise ToolError(problem)
+    return str(getattr(self, f"tool_{call.name}")(**call.arguments))
 
   def step(self, calls: list[ToolCall]) -> tuple[list[str], bool]:
     """Runs all calls concurrently; returns (one observation per call, in order; done)."""
@@ -191,6 +211,25 @@ def load_tasks(jsonl_path: str, required: tuple[str, ...] = ()) -> list[dict]:
         raise ValueError(f"{jsonl_path}:{lineno}: task is missing fields {missing}")
       tasks.append(task)
   return tasks
+
+
+_JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
+               "object": dict, "array": list, "null": type(None)}
+
+
+def _json_type_ok(value, expected) -> bool:
+  if expected is None:
+    return True
+  names = expected if isinstance(expected, list) else [expected]
+  for name in names:
+    py = _JSON_TYPES.get(name)
+    if py is None:
+      return True  # a type we do not know: do not call it wrong
+    if name in ("integer", "number") and isinstance(value, bool):
+      continue  # JSON true is not a number
+    if isinstance(value, py):
+      return True
+  return False
 
 
 def _import_builtin_envs():

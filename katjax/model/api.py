@@ -44,17 +44,21 @@ def param_shapes(cfg: ModelConfig) -> dict:
   return jax.eval_shape(init, cfg, jax.random.PRNGKey(0))
 
 
-def forward(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):
-  """Unchecked forward for use under jit. tokens int[B,T] -> logits float32[B,T,V]."""
+def forward(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None, tiles=None):
+  """Unchecked forward for use under jit. tokens int[B,T] -> logits float32[B,T,V].
+
+  tiles: optional attention tile list (`katjax.model.tile_attention.attention_tiles`).
+  """
   return Decoder(cfg).apply({"params": params}, tokens,
-                            *_default_rows(tokens, positions, subtree_end))
+                            *_default_rows(tokens, positions, subtree_end), tiles)
 
 
-def hidden_states(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None):
+def hidden_states(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None,
+                  tiles=None):
   """`forward` without the output projection: (final hidden states float[B, T, d] in the
   compute dtype, output projection float[d, V]); logits = hidden @ projection."""
   hidden = Decoder(cfg, head=False).apply({"params": params}, tokens,
-                                          *_default_rows(tokens, positions, subtree_end))
+                                          *_default_rows(tokens, positions, subtree_end), tiles)
   return hidden, decoder.head_weights(cfg, params)
 
 

@@ -7,6 +7,8 @@ implementations share that rule:
 - `dense_attention`: builds the boolean mask block inside the kernel; for short rows and for
   decoding against a KV cache (queries at arbitrary `q_index`). Short self-attention rows run
   it per query chunk against the keys up to the chunk (`prefix_dense_attention`).
+- `tile_attention` (its own module): flash-style over a host-made list of the tiles that hold
+  visible pairs, for tree rows; chosen when the caller passes the list.
 - `blockwise_attention`: flash-style online softmax, `lax.scan` over key blocks, a custom VJP
   that recomputes scores blockwise, so neither pass materialises a T x T buffer; blocks that
   the intervals rule out (future keys, finished subtrees) are skipped with `lax.cond`.
@@ -22,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from katjax.model.tile_attention import tile_attention
+
 _NEG = -1e30  # finite "minus infinity": keeps exp() and max() free of NaNs
 
 
@@ -32,11 +36,17 @@ def visible(q_index, k_index, subtree_end):
 
 
 def attention(q, k, v, subtree_end, *, impl="auto", block=512, dense_max_len=1024,
-              q_index=None):
-  """Dispatch: out float[B, Tq, H, D]. `q_index` defaults to arange(Tq) (self-attention)."""
+              q_index=None, tiles=None):
+  """Dispatch: out float[B, Tq, H, D]. `q_index` defaults to arange(Tq) (self-attention).
+
+  tiles int32[B, N, 2]: a tile list from `tile_attention.attention_tiles(subtree_end,
+  block)`; given, `tile_attention` computes only those tiles (whatever `impl`).
+  """
   tq = q.shape[1]
   if q_index is not None:
     return dense_attention(q, k, v, subtree_end, q_index)
+  if tiles is not None:
+    return tile_attention(q, k, v, subtree_end, tiles, block=block)
   if impl == "dense" or (impl == "auto" and tq <= dense_max_len):
     return prefix_dense_attention(q, k, v, subtree_end)
   return blockwise_attention(q, k, v, subtree_end, block=block)

@@ -45,7 +45,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, subtree_end, cache, cache_index):
+  def __call__(self, x, positions, subtree_end, cache, cache_index, tiles=None):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     hd = cfg.dim_per_head
 
@@ -71,7 +71,8 @@ class Attention(nn.Module):
 
     if cache is None:
       out = attention(q, k, v, subtree_end, impl=cfg.attention_impl,
-                      block=cfg.attention_block, dense_max_len=cfg.dense_max_len)
+                      block=cfg.attention_block, dense_max_len=cfg.dense_max_len,
+                      tiles=tiles)
     else:
       # Prefill/decode: write this chunk's keys at cache_index per row, then attend over this
       # layer's cache (subtree_end is unused: every slot up to the query's own is visible).
@@ -106,12 +107,12 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, positions, subtree_end, cache_index):
+  def __call__(self, carry, positions, subtree_end, cache_index, tiles=None):
     x, cache = carry  # cache: this layer's {"k", "v"} or None
     cfg = self.cfg
     h, cache = Attention(cfg, name="attn")(
         RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x),
-        positions, subtree_end, cache, cache_index)
+        positions, subtree_end, cache, cache_index, tiles)
     x = x + h
     x = x + Mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
     return (x, cache), None
@@ -121,14 +122,16 @@ class Decoder(nn.Module):
   """tokens int[B, T] -> logits float32[B, T, V] (training and uncached forward).
 
   With `head=False`: the final (normed) hidden states [B, T, d] in the compute dtype instead,
-  for losses that apply the output projection themselves (`head_weights`).
+  for losses that apply the output projection themselves (`head_weights`). `tiles`
+  int32[B, N, 2]: the tile list of `tile_attention.attention_tiles(subtree_end,
+  cfg.attention_block)`; given, attention runs over those tiles only.
   """
 
   cfg: ModelConfig
   head: bool = True
 
   @nn.compact
-  def __call__(self, tokens, positions, subtree_end):
+  def __call__(self, tokens, positions, subtree_end, tiles=None):
     cfg = self.cfg
     embed = _embed(cfg)
     x = embed(tokens)
@@ -136,10 +139,10 @@ class Decoder(nn.Module):
     if cfg.remat:
       block = nn.remat(Block, prevent_cse=False)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                     in_axes=(nn.broadcast,) * 4,
                      length=cfg.n_layers, unroll=min(cfg.scan_unroll, cfg.n_layers),
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, _), _ = layers(cfg, name="layers")((x, None), positions, subtree_end, None)
+    (x, _), _ = layers(cfg, name="layers")((x, None), positions, subtree_end, None, tiles)
     x = _final_norm(cfg)(x)
     if not self.head:
       return x

@@ -1,12 +1,12 @@
 """Client backend for any OpenAI-compatible server (vLLM, SGLang, JetStream, katjax's own).
 
-`OpenAIClient.generate(prompts, params, n=...)` has the `Sampler.generate` signature and
+`OpenAIClient.generate(prompts, sampling, n=...)` has the `Sampler.generate` signature and
 returns `Completion`s, so the agent loop runs unchanged against an external server. It sends
 token ids to `/v1/completions` (token in, token out: the trajectory stays exactly what the
 model saw) and reads generated ids back from, in order: katjax's `token_ids`, vLLM's
 `token_id:N` strings (`return_tokens_as_token_ids`), or re-encoding the text (last resort,
 flagged `exact_ids=False` in `last_info`). Logprobs are kept when the server returns them;
-entropies are only known from a katjax server (zeros otherwise). `chat(...)` is the plain
+entropy and policy version per token are only known from a katjax server (zeros otherwise). `chat(...)` is the plain
 chat-completions call for scaffolds that work with messages.
 
 Standard library only (urllib); one request per prompt, sent concurrently.
@@ -57,7 +57,7 @@ class OpenAIClient:
       body["tools"] = tools
     return self._request("POST", "/chat/completions", body)
 
-  def generate(self, prompts, params: SamplingParams | None = None, *, n: int = 1,
+  def generate(self, prompts, sampling: SamplingParams | None = None, *, n: int = 1,
                seed: int = 0, keys=None, cancelled=None) -> list[list[Completion]]:
     """Sampler-compatible: token-id prompts -> per prompt, n Completions.
 
@@ -66,8 +66,8 @@ class OpenAIClient:
     """
     if keys is not None:
       raise ValueError("OpenAIClient.generate: PRNG keys are not supported, pass seed=")
-    params = params or SamplingParams()
-    plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    sampling = sampling or SamplingParams()
+    plist = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
     jobs = [(list(map(int, p)), sp, seed + i) for i, (p, sp) in enumerate(zip(prompts, plist))]
     with concurrent.futures.ThreadPoolExecutor(min(self.max_workers, len(jobs) or 1)) as pool:
       return list(pool.map(lambda j: self._complete(*j, n), jobs))
@@ -102,13 +102,15 @@ class OpenAIClient:
     k = len(ids)
     raw = choice.get("raw_logprobs") or lp.get("token_logprobs") or [0.0] * k
     samp = choice.get("sampling_logprobs") or raw
-    ent = choice.get("entropies") or [0.0] * k
+    ent = choice.get("entropy") or [0.0] * k
+    version = np.asarray((choice.get("version") or [0] * k)[:k], np.int32)
     arr = lambda x: np.asarray([0.0 if v is None else v for v in x][:k] + [0.0] * (k - len(x)),
                                np.float32)
     reason = {"length": "length"}.get(choice.get("finish_reason"), "stop")
     return Completion(tokens=np.asarray(ids, np.int32), logprobs=arr(samp),
-                      raw_logprobs=arr(raw), entropies=arr(ent), finish_reason=reason,
-                      prompt_len=prompt_len, text=choice.get("text"))
+                      raw_logprobs=arr(raw), entropy=arr(ent), finish_reason=reason,
+                      prompt_len=prompt_len, text=choice.get("text"),
+                      version=np.pad(version, (0, k - len(version))))
 
   def _request(self, method, path, body=None):
     data = None if body is None else json.dumps(body).encode()

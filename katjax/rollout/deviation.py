@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from katjax.core import rft
-from katjax.envs.base import ToolCall
+from katjax.envs.base import ToolCall, check_tool_call
 
 __all__ = ["DeviationConfig", "Verdict", "DeviationMonitor", "truncate_after",
            "patch_files", "generated_ids", "tool_call_problems"]
@@ -225,47 +225,12 @@ def generated_ids(tokens, loss_mask) -> np.ndarray:
 
 
 def tool_call_problems(calls, tools: dict) -> list[str]:
-  """What is wrong with each call against the tool specs {name: function spec} ([] if fine)."""
-  problems = []
-  for c in calls:
-    spec = tools.get(c.name)
-    if spec is None:
-      problems.append(f"unknown tool {c.name!r}")
-      continue
-    if not isinstance(c.arguments, dict) or "__invalid_json__" in c.arguments:
-      problems.append(f"{c.name}: arguments are not a JSON object")
-      continue
-    params = spec.get("parameters", {})
-    props = params.get("properties", {})
-    missing = [k for k in params.get("required", []) if k not in c.arguments]
-    extra = [k for k in c.arguments if k not in props]
-    wrong = [k for k, v in c.arguments.items()
-             if k in props and not _json_type_ok(v, props[k].get("type"))]
-    if missing or extra or wrong:
-      problems.append(f"{c.name}: missing {missing}, unexpected {extra}, wrong type {wrong}")
-  return problems
+  """What is wrong with each call against the tool specs {name: function spec} ([] if fine):
+  `katjax.envs.base.check_tool_call`, argument types included."""
+  return [p for p in (check_tool_call(c, tools, types=True) for c in calls) if p]
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-_JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
-               "object": dict, "array": list, "null": type(None)}
-
-
-def _json_type_ok(value, expected) -> bool:
-  if expected is None:
-    return True
-  names = expected if isinstance(expected, list) else [expected]
-  for name in names:
-    py = _JSON_TYPES.get(name)
-    if py is None:
-      return True  # a type we do not know: do not call it wrong
-    if name in ("integer", "number") and isinstance(value, bool):
-      continue  # JSON true is not a number
-    if isinstance(value, py):
-      return True
-  return False
 
 
 def _norm_path(path: str) -> str:

@@ -2,7 +2,12 @@
 
 Kept apart from the HTTP plumbing so it is testable without sockets. Field names follow the
 OpenAI API; katjax adds `top_k` and `stop_token_ids` to requests, and `token_ids`,
-`raw_logprobs`, `sampling_logprobs`, `entropies` per choice plus `prompt_token_ids`.
+`raw_logprobs`, `sampling_logprobs`, `entropy`, `version` (policy version per token) per
+choice plus `prompt_token_ids`. Fields scaffolds send with neutral values (`logit_bias: {}`,
+penalties 0, `response_format: {"type": "text"}`, `user`, `parallel_tool_calls`, ...) are
+accepted; a value this server cannot honour is a 400 naming the field. A prompt that does not
+fit the context is a 400 with OpenAI's code `context_length_exceeded`, which clients handle
+instead of retrying.
 """
 
 from __future__ import annotations
@@ -15,12 +20,19 @@ import uuid
 
 from katjax.rollout.sampler import SamplingParams
 
-__all__ = ["Context", "Request", "parse_chat", "parse_completion", "render_response",
-           "models_response", "error"]
+__all__ = ["Context", "Request", "BadRequest", "parse_chat", "parse_completion",
+           "render_response", "logprob_entries", "models_response", "error"]
 
 _TOOL_CHOICES = ("none", "auto", "required")
-_UNSUPPORTED = {"stream": False, "top_logprobs": 0, "presence_penalty": 0,
-                "frequency_penalty": 0, "logit_bias": None, "response_format": None}
+_MAX_TOP_LOGPROBS = 20
+
+
+class BadRequest(ValueError):
+  """HTTP 400: `param` is the offending field, `code` OpenAI's error code (or None)."""
+
+  def __init__(self, message, param=None, code=None):
+    super().__init__(message)
+    self.param, self.code = param, code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +40,7 @@ class Context:
   tokenizer: object
   model_name: str = "katjax"
   max_n: int = 16
-  max_len: int = 2048
+  max_len: int = 2048  # the model's context (the sampler's max_len)
   default_max_tokens: int = 1024
 
 
@@ -36,17 +48,21 @@ class Context:
 class Request:
   kind: str  # "chat" | "completion"
   prompt_ids: list
-  params: SamplingParams
+  sampling: SamplingParams
   n: int
   seed: int
   logprobs: bool
   tools: list | None = None
   tool_choice: object = "auto"
+  stream: bool = False
+  include_usage: bool = False  # stream_options.include_usage
+  top_logprobs: int = 0
+  model: str | None = None  # echoed in the response
 
 
-def error(message: str, kind: str = "invalid_request_error") -> dict:
+def error(message: str, kind: str = "invalid_request_error", code=None, param=None) -> dict:
   """OpenAI error body."""
-  return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+  return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def models_response(ctx: Context) -> dict:
@@ -59,26 +75,26 @@ def parse_chat(body, ctx: Context) -> Request:
   _check_object(body)
   messages = body.get("messages")
   if not isinstance(messages, list) or not messages:
-    raise ValueError("'messages' must be a non-empty list of message objects")
+    raise BadRequest("'messages' must be a non-empty list of message objects", "messages")
   messages = [_normalize_message(i, m) for i, m in enumerate(messages)]
   tools = body.get("tools") or None
   if tools is not None:
     if not isinstance(tools, list) or not all(
         isinstance(t, dict) and isinstance(t.get("function"), dict)
         and isinstance(t["function"].get("name"), str) for t in tools):
-      raise ValueError("'tools' must be a list of {'type': 'function', 'function': {'name': "
-                       "str, 'parameters': {...}}}")
+      raise BadRequest("'tools' must be a list of {'type': 'function', 'function': {'name': "
+                       "str, 'parameters': {...}}}", "tools")
   choice = body.get("tool_choice", "auto")
   if choice is None:
     choice = "auto"
   if not (choice in _TOOL_CHOICES or (isinstance(choice, dict) and isinstance(
       choice.get("function"), dict) and isinstance(choice["function"].get("name"), str))):
-    raise ValueError(f"'tool_choice' must be one of {_TOOL_CHOICES} or {{'type': 'function', "
-                     f"'function': {{'name': ...}}}}, got {choice!r}")
+    raise BadRequest(f"'tool_choice' must be one of {_TOOL_CHOICES} or {{'type': 'function', "
+                     f"'function': {{'name': ...}}}}, got {choice!r}", "tool_choice")
   try:
     ids, _ = ctx.tokenizer.encode_chat(messages, tools, add_generation_prompt=True)
   except ValueError as e:
-    raise ValueError(f"bad 'messages': {e}") from None
+    raise BadRequest(f"bad 'messages': {e}", "messages") from None
   return _finish(body, ctx, "chat", [int(i) for i in ids], tools, choice)
 
 
@@ -95,10 +111,10 @@ def parse_completion(body, ctx: Context) -> Request:
     ids = prompt
     vocab = ctx.tokenizer.vocab_size
     if min(ids) < 0 or max(ids) >= vocab:
-      raise ValueError(f"'prompt' token ids must lie in [0, {vocab})")
+      raise BadRequest(f"'prompt' token ids must lie in [0, {vocab})", "prompt")
   else:
-    raise ValueError("'prompt' must be a non-empty string or a non-empty list of token ids "
-                     "(one prompt per request)")
+    raise BadRequest("'prompt' must be a non-empty string or a non-empty list of token ids "
+                     "(one prompt per request)", "prompt")
   return _finish(body, ctx, "completion", list(ids), None, "none")
 
 
@@ -109,7 +125,7 @@ def render_response(req: Request, completions, ctx: Context) -> dict:
   for i, comp in enumerate(completions):
     ids = [int(t) for t in comp.tokens]
     body_ids = ids
-    stops = req.params.stop_ids if req.params.stop_ids is not None else tok.stop_ids
+    stops = req.sampling.stop_ids if req.sampling.stop_ids is not None else tok.stop_ids
     if comp.finish_reason == "stop" and ids and ids[-1] in stops and comp.text is None:
       body_ids = ids[:-1]
     text = comp.text if comp.text is not None else tok.decode(body_ids)
@@ -120,7 +136,8 @@ def render_response(req: Request, completions, ctx: Context) -> dict:
     choice = {"index": i, "finish_reason": finish, "token_ids": ids,
               "raw_logprobs": [float(x) for x in comp.raw_logprobs],
               "sampling_logprobs": [float(x) for x in comp.logprobs],
-              "entropies": [float(x) for x in comp.entropies]}
+              "entropy": [float(x) for x in comp.entropy],
+              "version": [int(x) for x in comp.version]}
     if req.kind == "chat":
       message = {"role": "assistant", "content": text}
       if req.tools and req.tool_choice != "none":
@@ -132,10 +149,8 @@ def render_response(req: Request, completions, ctx: Context) -> dict:
           message["content"] = (text if errors else content) or None
           choice["finish_reason"] = "tool_calls" if finish == "stop" else finish
       choice["message"] = message
-      choice["logprobs"] = ({"content": [
-          {"token": tok.decode([t]), "logprob": float(lp), "bytes": list(
-              tok.decode([t]).encode("utf-8")), "top_logprobs": []}
-          for t, lp in zip(ids, comp.raw_logprobs)]} if req.logprobs else None)
+      choice["logprobs"] = ({"content": logprob_entries(req, comp, tok)}
+                            if req.logprobs else None)
     else:
       choice["text"] = text
       choice["logprobs"] = ({"tokens": [tok.decode([t]) for t in ids],
@@ -146,7 +161,8 @@ def render_response(req: Request, completions, ctx: Context) -> dict:
   completion_tokens = sum(len(c.tokens) for c in completions)
   return {"id": f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
           "object": "chat.completion" if req.kind == "chat" else "text_completion",
-          "created": int(time.time()), "model": ctx.model_name, "choices": choices,
+          "created": int(time.time()), "model": req.model or ctx.model_name,
+          "choices": choices,
           "prompt_token_ids": req.prompt_ids,
           "usage": {"prompt_tokens": len(req.prompt_ids),
                     "completion_tokens": completion_tokens,
@@ -156,52 +172,103 @@ def render_response(req: Request, completions, ctx: Context) -> dict:
 # --- helpers ------------------------------------------------------------------------------------
 
 
+def logprob_entries(req: Request, comp, tok, start: int = 0) -> list:
+  """OpenAI `logprobs.content` entries for tokens [start:] (raw logprobs; top ones if asked)."""
+  out = []
+  tops = comp.top_logprobs or []
+  for t in range(start, len(comp.tokens)):
+    piece = tok.decode([int(comp.tokens[t])])
+    entry = {"token": piece, "logprob": float(comp.raw_logprobs[t]),
+             "bytes": list(piece.encode("utf-8")), "top_logprobs": []}
+    if req.top_logprobs and t < len(tops):
+      entry["top_logprobs"] = [
+          {"token": tok.decode([i]), "logprob": float(lp),
+           "bytes": list(tok.decode([i]).encode("utf-8"))}
+          for i, lp in list(zip(*tops[t]))[:req.top_logprobs]]
+    out.append(entry)
+  return out
+
+
 def _finish(body, ctx, kind, ids, tools, choice) -> Request:
-  for key, neutral in _UNSUPPORTED.items():
-    if body.get(key) not in (None, neutral):
-      raise ValueError(f"'{key}' is not supported by this server (got {body[key]!r})")
+  _check_neutral(body)
+  model = body.get("model")
+  if model is not None and not isinstance(model, str):
+    raise BadRequest(f"'model' must be a string, got {model!r}", "model")
+  stream = body.get("stream", False)
+  if not isinstance(stream, bool) and stream is not None:
+    raise BadRequest(f"'stream' must be a boolean, got {stream!r}", "stream")
+  opts = body.get("stream_options") or {}
+  if not isinstance(opts, dict):
+    raise BadRequest("'stream_options' must be an object", "stream_options")
   n = _int(body, "n", 1, 1, ctx.max_n)
   temperature = _num(body, "temperature", 1.0, 0.0, 2.0)
   top_p = _num(body, "top_p", 1.0, 0.0, 1.0)
   if top_p <= 0:
-    raise ValueError("'top_p' must be in (0, 1]")
+    raise BadRequest("'top_p' must be in (0, 1]", "top_p")
   top_k = body.get("top_k", 0)
   top_k = 0 if top_k == -1 else top_k  # vLLM spells "off" as -1
   if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-    raise ValueError(f"'top_k' must be an int >= 0 (or -1 for off), got {top_k!r}")
+    raise BadRequest(f"'top_k' must be an int >= 0 (or -1 for off), got {top_k!r}", "top_k")
   room = ctx.max_len - len(ids)
   if room < 1:
-    raise ValueError(f"prompt has {len(ids)} tokens; the server's context is {ctx.max_len}")
+    raise BadRequest(f"This model's maximum context length is {ctx.max_len} tokens. However, "
+                     f"your messages resulted in {len(ids)} tokens. Please reduce the length "
+                     f"of the messages.", "messages", "context_length_exceeded")
   key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
   max_tokens = _int(body, key, min(ctx.default_max_tokens, room), 1, None)
   if max_tokens > room:
-    raise ValueError(f"prompt ({len(ids)} tokens) + '{key}' ({max_tokens}) exceeds the "
-                     f"server's context of {ctx.max_len} tokens")
+    raise BadRequest(f"This model's maximum context length is {ctx.max_len} tokens. However, "
+                     f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the "
+                     f"messages, {max_tokens} in '{key}'). Please reduce the length of the "
+                     f"messages or '{key}'.", key, "context_length_exceeded")
   stop = body.get("stop")
   stop = [stop] if isinstance(stop, str) else (stop or [])
   if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s
                                                             for s in stop):
-    raise ValueError("'stop' must be a non-empty string or a list of at most 4 of them")
+    raise BadRequest("'stop' must be a non-empty string or a list of at most 4 of them", "stop")
   stop_ids = body.get("stop_token_ids")
   if stop_ids is not None and not (isinstance(stop_ids, list) and all(
       isinstance(t, int) and t >= 0 for t in stop_ids)):
-    raise ValueError("'stop_token_ids' must be a list of non-negative ints")
+    raise BadRequest("'stop_token_ids' must be a list of non-negative ints", "stop_token_ids")
   if stop_ids is not None:
     stop_ids = tuple(stop_ids) + tuple(ctx.tokenizer.stop_ids)
   logprobs = body.get("logprobs", False)
   if kind == "completion" and isinstance(logprobs, int) and not isinstance(logprobs, bool):
     logprobs = logprobs is not None and logprobs >= 0
   if not isinstance(logprobs, bool) and logprobs is not None:
-    raise ValueError(f"'logprobs' must be a boolean, got {logprobs!r}")
+    raise BadRequest(f"'logprobs' must be a boolean, got {logprobs!r}", "logprobs")
+  top = _int(body, "top_logprobs", 0, 0, _MAX_TOP_LOGPROBS)
   seed = body.get("seed")
   if seed is None:
     seed = random.randrange(2 ** 31)
   if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 31:
-    raise ValueError(f"'seed' must be an int in [0, 2**31), got {seed!r}")
-  params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=top_k,
-                          max_new_tokens=max_tokens, stop=tuple(stop), stop_ids=stop_ids)
-  return Request(kind=kind, prompt_ids=ids, params=params, n=n, seed=seed,
-                 logprobs=bool(logprobs), tools=tools, tool_choice=choice)
+    raise BadRequest(f"'seed' must be an int in [0, 2**31), got {seed!r}", "seed")
+  sampling = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=top_k,
+                            max_new_tokens=max_tokens, stop=tuple(stop), stop_ids=stop_ids)
+  return Request(kind=kind, prompt_ids=ids, sampling=sampling, n=n, seed=seed,
+                 logprobs=bool(logprobs) or top > 0, tools=tools, tool_choice=choice,
+                 stream=bool(stream), include_usage=bool(opts.get("include_usage")),
+                 top_logprobs=top, model=model)
+
+
+def _check_neutral(body):
+  """Fields scaffolds send with values that change nothing; anything else is refused."""
+  for key in ("presence_penalty", "frequency_penalty"):
+    v = body.get(key)
+    if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v != 0):
+      raise BadRequest(f"'{key}' is not supported by this server (only 0), got {v!r}", key)
+  bias = body.get("logit_bias")
+  if bias is not None and bias != {}:
+    raise BadRequest(f"'logit_bias' is not supported by this server (only {{}}), got {bias!r}",
+                     "logit_bias")
+  fmt = body.get("response_format")
+  if fmt is not None and fmt != {"type": "text"}:
+    raise BadRequest("'response_format' is not supported by this server (only "
+                     f"{{'type': 'text'}}), got {fmt!r}", "response_format")
+  if body.get("parallel_tool_calls") not in (None, True, False):
+    raise BadRequest("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+  if body.get("user") is not None and not isinstance(body["user"], str):
+    raise BadRequest("'user' must be a string", "user")
 
 
 def _check_object(body):
@@ -211,11 +278,11 @@ def _check_object(body):
 
 def _normalize_message(i, msg):
   if not isinstance(msg, dict):
-    raise ValueError(f"messages[{i}] must be an object")
+    raise BadRequest(f"messages[{i}] must be an object", "messages")
   content = msg.get("content")
   if isinstance(content, list):  # content parts: keep the text ones
     if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-      raise ValueError(f"messages[{i}].content: only text parts are supported")
+      raise BadRequest(f"messages[{i}].content: only text parts are supported", "messages")
     msg = dict(msg, content="".join(p.get("text", "") for p in content))
   return msg
 
@@ -225,7 +292,7 @@ def _num(body, key, default, lo, hi):
   if value is None:
     return default
   if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-    raise ValueError(f"'{key}' must be a number in [{lo}, {hi}], got {value!r}")
+    raise BadRequest(f"'{key}' must be a number in [{lo}, {hi}], got {value!r}", key)
   return value
 
 
@@ -236,5 +303,5 @@ def _int(body, key, default, lo, hi):
   if not isinstance(value, int) or isinstance(value, bool) or value < lo or (
       hi is not None and value > hi):
     bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-    raise ValueError(f"'{key}' must be an int {bound}, got {value!r}")
+    raise BadRequest(f"'{key}' must be an int {bound}, got {value!r}", key)
   return value

@@ -1,20 +1,25 @@
 """JAX sampler: jitted prefill + chunked decode over a preallocated KV cache.
 
-`Sampler.generate(prompts, params, n=...)` runs a batch of token-id prompts; `n > 1` forks
+`Sampler.generate(prompts, sampling, n=...)` runs a batch of token-id prompts; `n > 1` forks
 each prompt into n continuations that share its prefilled cache (the rows are copied, the
 prefix is computed once): tree rollouts. For every generated token it records the id, the
 logprob under the sampling distribution (temperature / top-k / top-p applied; 0 for greedy),
-the logprob under the raw model and the full-vocabulary entropy of the raw model.
+the logprob under the raw model, the full-vocabulary entropy of the raw model and the
+policy version (`update_weights` count) of the weights that produced it.
 
 Shapes are static and bucketed (batch, prompt length and cache length round up to powers of
-two), so a long-running sampler compiles a handful of programs. Sampling parameters are
+two), so a long-running sampler compiles a handful of programs. Sampling settings are
 per-row arrays, so requests with different settings share one batch without recompiling;
-params are an argument of every jitted function, so `update_weights` never recompiles.
+`params` (the weights) are an argument of every jitted function, so `update_weights` never
+recompiles.
 Randomness is per row: token t of a row uses `fold_in(row_key, t)`, so a row's output does
 not depend on what else is in the batch (a fork equals an independent run with its key).
 
 Decoding runs in chunks of `chunk` steps; between chunks the host checks stop strings and
 cancellations (a disconnected client frees its row at the next chunk boundary).
+
+This is the static-batch sampler: one call, one batch. `katjax.rollout.engine.Engine` runs
+requests continuously on top of it (rows join and leave between chunks, prefix caching).
 """
 
 from __future__ import annotations
@@ -77,15 +82,21 @@ class SamplingParams:
 
 @dataclasses.dataclass
 class Completion:
-  """One continuation: int32[N] tokens; float32[N] logprobs, raw_logprobs, entropies."""
+  """One continuation: int32[N] tokens, version; float32[N] logprobs, raw_logprobs, entropy."""
 
   tokens: np.ndarray
   logprobs: np.ndarray  # under the sampling distribution (0 for greedy)
   raw_logprobs: np.ndarray  # under the raw model (temperature 1, no filtering)
-  entropies: np.ndarray  # full-vocabulary entropy of the raw model's next-token distribution
+  entropy: np.ndarray  # full-vocabulary entropy of the raw model's next-token distribution
   finish_reason: str  # "stop" | "length" | "cancelled"
   prompt_len: int
   text: str | None = None  # decoded (stop string removed) when the sampler has a tokenizer
+  version: np.ndarray | None = None  # int32[N] policy version per token (None: all 0)
+  top_logprobs: list | None = None  # per token [(id, raw logprob)] when requested
+
+  def __post_init__(self):
+    if self.version is None:
+      self.version = np.zeros(len(self.tokens), np.int32)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -109,20 +120,14 @@ class Sampler:
     self.stop_ids = tuple(int(i) for i in stop_ids)
     self.cache_dtype = cache_dtype
     self._axes = model_api.logical_axes(cfg) if mesh is not None else None
-    self.params = None
+    self.params, self.version = None, -1
     self.update_weights(params)
-    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-    opts = _CPU_COMPILER_OPTIONS if platform == "cpu" else None
-    self._start = jax.jit(functools.partial(_start, cfg, mesh, cache_dtype),
-                          static_argnames=("rows", "cache_len"), compiler_options=opts)
-    self._decode = jax.jit(functools.partial(_decode_chunk, cfg), static_argnames=("steps",),
-                           donate_argnums=(1,), compiler_options=opts)
-    self._grow = jax.jit(_grow_cache, static_argnames=("size",))
+    self._start, self._decode, self._grow = _programs(cfg, mesh, cache_dtype)
 
   # --- public -------------------------------------------------------------------------------
 
   def update_weights(self, params) -> None:
-    """Swap in new params (same structure, shapes and dtypes): no recompilation."""
+    """Swap in new params (same structure, shapes and dtypes): no recompilation; version += 1."""
     signature = jax.tree.map(lambda x: (tuple(np.shape(x)), jnp.dtype(x.dtype)), params)
     if self.params is not None:
       if (jax.tree.structure(self._signature) != jax.tree.structure(signature)
@@ -136,8 +141,9 @@ class Sampler:
       params = jax.tree.map(jnp.asarray, params)
     # Per-layer arrays: decoding reads each layer's weights in place (see split_layers).
     self.params, self._signature = model_api.split_layers(params), signature
+    self.version += 1
 
-  def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+  def generate(self, prompts, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                *, n: int = 1, seed: int = 0, keys=None,
                cancelled: Callable[[int], bool] | None = None) -> list[list[Completion]]:
     """prompts: list of int token sequences -> per prompt, a list of n Completions.
@@ -151,7 +157,7 @@ class Sampler:
       return []
     if not isinstance(n, int) or n < 1:
       raise ValueError(f"n must be an int >= 1, got {n!r}")
-    plist = _per_prompt(params, len(prompts))
+    plist = _per_prompt(sampling, len(prompts))
     for sp in plist:
       if sp.stop and self.tokenizer is None:
         raise ValueError("stop strings need a Sampler with a tokenizer")
@@ -170,10 +176,10 @@ class Sampler:
       out += self._run_group(prompts[sl], plist[sl], n, keys[g * n:(g + per_group) * n], cancel)
     return out
 
-  def fork(self, prompt, n: int, params: SamplingParams | None = None, *, seed: int = 0,
+  def fork(self, prompt, n: int, sampling: SamplingParams | None = None, *, seed: int = 0,
            keys=None) -> list[Completion]:
     """n continuations of one prompt sharing its prefilled cache (tree rollouts)."""
-    return self.generate([prompt], params, n=n, seed=seed, keys=keys)[0]
+    return self.generate([prompt], sampling, n=n, seed=seed, keys=keys)[0]
 
   # --- host-side checks -------------------------------------------------------------------
 
@@ -286,8 +292,9 @@ class Sampler:
       comp = Completion(tokens=cat["tokens"][r, :cnt].astype(np.int32),
                         logprobs=cat["logp"][r, :cnt].astype(np.float32),
                         raw_logprobs=cat["raw"][r, :cnt].astype(np.float32),
-                        entropies=cat["ent"][r, :cnt].astype(np.float32),
-                        finish_reason=reason, prompt_len=int(lens[src[r]]))
+                        entropy=cat["ent"][r, :cnt].astype(np.float32),
+                        finish_reason=reason, prompt_len=int(lens[src[r]]),
+                        version=np.full(cnt, self.version, np.int32))
       if self.tokenizer is not None:
         comp.text = texts[r] if texts[r] is not None else self.tokenizer.decode(comp.tokens)
       results[int(src[r])].append(comp)
@@ -295,6 +302,19 @@ class Sampler:
 
 
 # --- jitted pieces ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(cfg, mesh, cache_dtype):
+  """(start, decode, grow) jitted once per model config: samplers and engines over the same
+  model (a reference and an engine, a sampler rebuilt after a restart) share compilations."""
+  platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+  opts = _CPU_COMPILER_OPTIONS if platform == "cpu" else None
+  start = jax.jit(functools.partial(_start, cfg, mesh, cache_dtype),
+                  static_argnames=("rows", "cache_len"), compiler_options=opts)
+  decode = jax.jit(functools.partial(_decode_chunk, cfg), static_argnames=("steps", "top"),
+                   donate_argnums=(1,), compiler_options=opts)
+  return start, decode, jax.jit(_grow_cache, static_argnames=("size",))
 
 
 def _start(cfg, mesh, cache_dtype, params, tokens, lengths, src, samp, keys, *, rows, cache_len):
@@ -324,12 +344,19 @@ def _start(cfg, mesh, cache_dtype, params, tokens, lengths, src, samp, keys, *, 
   return state, first
 
 
-def _decode_chunk(cfg, params, state, *, steps):
-  """Up to `steps` decode steps (stops early once every row is done)."""
+def _decode_chunk(cfg, params, state, *, steps, top=0):
+  """Up to `steps` decode steps (stops early once every row is done).
+
+  top > 0 also records the `top` most likely ids and raw logprobs per step (OpenAI
+  `top_logprobs`); a separate compiled program, so requests without it pay nothing.
+  """
   b = state["last"].shape[0]
   buf = dict(tokens=jnp.zeros((b, steps), jnp.int32), logp=jnp.zeros((b, steps), jnp.float32),
              raw=jnp.zeros((b, steps), jnp.float32), ent=jnp.zeros((b, steps), jnp.float32),
              valid=jnp.zeros((b, steps), bool))
+  if top:
+    buf.update(top_ids=jnp.zeros((b, steps, top), jnp.int32),
+               top_lp=jnp.zeros((b, steps, top), jnp.float32))
 
   def cond(carry):
     j, st, _ = carry
@@ -346,11 +373,19 @@ def _decode_chunk(cfg, params, state, *, steps):
     new = dict(st, cache=cache, last=jnp.where(active, tok, st["last"]),
                index=st["index"] + active, count=count, done=done)
     vals = dict(tokens=tok, logp=logp, raw=raw, ent=ent, valid=active)
+    if top:
+      vals["top_lp"], vals["top_ids"] = top_logprobs(logits[:, 0], top)
     out = {k: out[k].at[:, j].set(vals[k]) for k in out}
     return j + 1, new, out
 
   _, state, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), state, buf))
   return state, buf
+
+
+def top_logprobs(logits, k):
+  """logits f32[B, V] -> (raw logprobs f32[B, k], ids int32[B, k]), most likely first."""
+  lp, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
+  return lp, ids.astype(jnp.int32)
 
 
 def _grow_cache(cache, *, size):
@@ -362,15 +397,15 @@ def _grow_cache(cache, *, size):
 # --- host helpers -----------------------------------------------------------------------------
 
 
-def _per_prompt(params, count):
-  if params is None:
-    params = SamplingParams()
-  if isinstance(params, SamplingParams):
-    return [params] * count
-  params = list(params)
-  if len(params) != count or not all(isinstance(p, SamplingParams) for p in params):
-    raise ValueError(f"params must be one SamplingParams or a list of {count} of them")
-  return params
+def _per_prompt(sampling, count):
+  if sampling is None:
+    sampling = SamplingParams()
+  if isinstance(sampling, SamplingParams):
+    return [sampling] * count
+  sampling = list(sampling)
+  if len(sampling) != count or not all(isinstance(p, SamplingParams) for p in sampling):
+    raise ValueError(f"sampling must be one SamplingParams or a list of {count} of them")
+  return sampling
 
 
 def _sampling_arrays(row_sp, b, default_stops):

@@ -1,143 +1,42 @@
-"""OpenAI-compatible HTTP server over the `Sampler` (standard library only).
+"""OpenAI-compatible HTTP server over the inference `Engine` (standard library only).
 
 Endpoints: `POST /v1/chat/completions` (messages, tools, tool_choice, n, temperature, top_p,
-top_k, max_tokens / max_completion_tokens, stop, seed, logprobs), `POST /v1/completions`
-(prompt as text or token ids: token-level rollouts through HTTP), `GET /v1/models`,
-`GET /health` (queue statistics).
+top_k, max_tokens / max_completion_tokens, stop, seed, logprobs, top_logprobs, stream),
+`POST /v1/completions` (prompt as text or token ids: token-level rollouts through HTTP),
+`GET /v1/models`, `GET /health` (queue, rows, prefix-cache hit rate, latency percentiles).
 
-Concurrent requests are batched: one engine thread takes the queue head plus whatever else
-arrived within `batch_wait` seconds (same `n`, up to `max_batch` rows) and runs them as one
-sampler batch. The queue is bounded: beyond `max_queue` waiting requests the answer is 503.
-A client that disconnects mid-generation cancels its request: its rows stop at the next
-decode chunk and a queued request is dropped. Tool calls are parsed from the model's
-`<tool_call>` blocks into OpenAI `tool_calls`; `tool_choice` "none" leaves the text as is
-(generation itself is not constrained). Responses also carry katjax fields: `token_ids`,
-`raw_logprobs` and `entropies` per choice and `prompt_token_ids`.
+Every request goes to the engine (`katjax.rollout.engine`): a request arriving while others
+generate joins their batch at the next decode chunk. The queue is bounded: beyond
+`max_queue` waiting requests the answer is 503. A client that disconnects mid-generation
+cancels its request: its rows are freed at the next chunk and a queued request is dropped.
+`stream: true` answers with server-sent events: content deltas as chunks decode (text that
+may still become a stop string or a `<tool_call>` block is held back), tool calls as
+`tool_calls` deltas once parsed, the finish reason, optional usage, then `data: [DONE]`.
+Tool calls are parsed from the model's `<tool_call>` blocks into OpenAI `tool_calls`;
+`tool_choice` "none" leaves the text as is (generation itself is not constrained). Responses
+also carry katjax fields: `token_ids`, `raw_logprobs`, `entropy` and `version` per choice
+and `prompt_token_ids`. One log line per request (logger `katjax.rollout.server`).
 """
 
 from __future__ import annotations
 
-import collections
 import http.server
 import json
+import logging
 import select
 import socket
 import threading
 import time
 import uuid
 
-import jax
-import numpy as np
-
+from katjax.model.tokenizer import TOOL_CALL_OPEN
 from katjax.rollout import protocol
+from katjax.rollout.engine import Engine, Overloaded
 from katjax.rollout.sampler import Sampler
 
 __all__ = ["Engine", "Overloaded", "serve", "Server"]
 
-
-class Overloaded(Exception):
-  """The request queue is full (HTTP 503)."""
-
-
-class _Job:
-  def __init__(self, prompt, params, n, seed):
-    self.prompt, self.params, self.n, self.seed = prompt, params, n, seed
-    self.event, self.result, self.error, self.cancelled = threading.Event(), None, None, False
-
-
-class Engine:
-  """Batches concurrent requests onto one Sampler; a single worker thread owns the sampler."""
-
-  def __init__(self, sampler: Sampler, *, max_batch: int = 16, max_queue: int = 64,
-               batch_wait: float = 0.005):
-    self.sampler, self.max_batch, self.max_queue = sampler, max_batch, max_queue
-    self.batch_wait = batch_wait
-    self._queue: collections.deque[_Job] = collections.deque()
-    self._cv = threading.Condition()
-    self._running: list[_Job] = []
-    self.stats = collections.Counter()
-    self._stop, self._pending_params = False, None
-    self._thread = threading.Thread(target=self._loop, name="katjax-engine", daemon=True)
-    self._thread.start()
-
-  def submit(self, prompt, params, n=1, seed=0) -> _Job:
-    """Queues a request; raises Overloaded when `max_queue` requests already wait."""
-    job = _Job(np.asarray(prompt, np.int32), params, n, seed)
-    with self._cv:
-      if len(self._queue) >= self.max_queue:
-        self.stats["rejected"] += 1
-        raise Overloaded(f"server overloaded: {len(self._queue)} requests already queued "
-                         f"(max_queue={self.max_queue}); retry later")
-      self._queue.append(job)
-      self._cv.notify()
-    return job
-
-  def cancel(self, job: _Job) -> None:
-    """Drops a queued job, or stops a running one at the next decode chunk."""
-    with self._cv:
-      job.cancelled = True
-      self.stats["cancelled"] += 1
-      if job in self._queue:
-        self._queue.remove(job)
-        job.event.set()
-
-  def update_weights(self, params) -> None:
-    """New weights for the next batch (a running batch finishes on the old ones)."""
-    with self._cv:
-      self._pending_params = params
-
-  def snapshot(self) -> dict:
-    with self._cv:
-      running = [j for j in self._running if not j.cancelled]
-      return dict(queued=len(self._queue), running=len(running),
-                  running_rows=sum(j.n for j in running), **self.stats)
-
-  def close(self):
-    with self._cv:
-      self._stop = True
-      self._cv.notify_all()
-    self._thread.join(timeout=5)
-
-  def _loop(self):
-    while True:
-      with self._cv:
-        while not self._queue and not self._stop:
-          self._cv.wait()
-        if self._stop:
-          return
-      time.sleep(self.batch_wait)  # let concurrent requests join this batch
-      with self._cv:
-        batch = [self._queue.popleft()]
-        rows = batch[0].n
-        for job in list(self._queue):
-          if job.n == batch[0].n and rows + job.n <= self.max_batch:
-            self._queue.remove(job)
-            batch.append(job)
-            rows += job.n
-        self._running = batch
-        params, self._pending_params = self._pending_params, None
-      if params is not None:
-        self.sampler.update_weights(params)
-      self._run(batch)
-      with self._cv:
-        self._running = []
-
-  def _run(self, batch):
-    n = batch[0].n
-    keys = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(
-        jax.random.key(job.seed), j))) for job in batch for j in range(n)])
-    try:
-      out = self.sampler.generate([j.prompt for j in batch], [j.params for j in batch], n=n,
-                                  keys=keys, cancelled=lambda i: batch[i].cancelled)
-      self.stats["batches"] += 1
-      self.stats["requests"] += len(batch)
-      for job, comps in zip(batch, out):
-        job.result = comps
-    except Exception as e:  # noqa: BLE001 - reported to every waiting client as a 500
-      for job in batch:
-        job.error = e
-    for job in batch:
-      job.event.set()
+log = logging.getLogger(__name__)
 
 
 class Server:
@@ -160,13 +59,18 @@ class Server:
     self.close()
 
 
-def serve(sampler: Sampler, tokenizer, *, host: str = "127.0.0.1", port: int = 0,
+def serve(backend: Sampler | Engine, tokenizer, *, host: str = "127.0.0.1", port: int = 0,
           model_name: str = "katjax", max_batch: int = 16, max_queue: int = 64,
-          max_n: int = 16, batch_wait: float = 0.005, block: bool = False) -> Server:
-  """Starts the HTTP server in a background thread (or blocks when `block`)."""
-  engine = Engine(sampler, max_batch=max_batch, max_queue=max_queue, batch_wait=batch_wait)
-  ctx = protocol.Context(tokenizer=tokenizer, model_name=model_name, max_n=min(max_n, max_batch),
-                         max_len=sampler.max_len)
+          max_n: int = 16, block: bool = False) -> Server:
+  """Starts the HTTP server in a background thread (or blocks when `block`).
+
+  backend: an `Engine` (shared with in-process callers), or a `Sampler` that gets its own
+  engine of `max_batch` rows.
+  """
+  engine = backend if hasattr(backend, "submit") else Engine(backend, rows=max_batch,
+                                                             max_queue=max_queue)
+  ctx = protocol.Context(tokenizer=tokenizer, model_name=model_name,
+                         max_n=min(max_n, engine.rows), max_len=engine.sampler.max_len)
 
   class Handler(_Handler):
     pass
@@ -190,7 +94,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   ctx: protocol.Context
   protocol_version = "HTTP/1.1"
 
-  def log_message(self, fmt, *args):  # quiet: one line per request is too much for rollouts
+  def log_message(self, fmt, *args):  # the per-request line is written by _log_request
     pass
 
   def do_GET(self):
@@ -217,20 +121,95 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       else:
         return self._send(404, protocol.error(f"no route POST {path}", "not_found"))
     except ValueError as e:
-      return self._send(400, protocol.error(str(e)))
+      err = protocol.error(str(e), code=getattr(e, "code", None), param=getattr(e, "param", None))
+      log.info("POST %s 400 %s", path, e)
+      return self._send(400, err)
     try:
-      job = self.engine.submit(req.prompt_ids, req.params, req.n, req.seed)
+      job = self.engine.submit(req.prompt_ids, req.sampling, n=req.n, seed=req.seed,
+                               top_logprobs=req.top_logprobs)
     except Overloaded as e:
       return self._send(503, protocol.error(str(e), "overloaded"))
+    except ValueError as e:
+      return self._send(400, protocol.error(str(e)))
+    status = self._stream(req, job) if req.stream else self._answer(req, job)
+    self._log_request(path, req, job, status)
+
+  def _answer(self, req, job):
     while not job.event.wait(0.05):
       if self._client_gone():
         self.engine.cancel(job)
-        return
+        return "disconnected"
     if job.error is not None:
-      return self._send(500, protocol.error(f"generation failed: {job.error}", "server_error"))
-    if job.cancelled:
-      return
+      self._send(500, protocol.error(f"generation failed: {job.error}", "server_error"))
+      return 500
     self._send(200, protocol.render_response(req, job.result, self.ctx))
+    return 200
+
+  def _stream(self, req, job):
+    """Server-sent events: chat.completion.chunk (or text_completion) objects, then [DONE]."""
+    chat = req.kind == "chat"
+    head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                object="chat.completion.chunk" if chat else "text_completion",
+                created=int(time.time()), model=req.model or self.ctx.model_name)
+    try:
+      self.send_response(200)
+      self.send_header("Content-Type", "text/event-stream")
+      self.send_header("Cache-Control", "no-cache")
+      self.send_header("Connection", "close")
+      self.end_headers()
+      self.close_connection = True
+      event = lambda choices, **kw: self._event(dict(head, choices=choices, **kw))
+      if chat:
+        event([{"index": j, "delta": {"role": "assistant", "content": ""},
+                "finish_reason": None} for j in range(req.n)])
+      sent = [""] * req.n
+      holds = _holds(req, self.ctx.tokenizer)
+      while not job.done:
+        with job.updated:
+          job.updated.wait(0.05)
+        if self._client_gone():
+          self.engine.cancel(job)
+          return "disconnected"
+        for j in range(req.n):
+          text = _visible(self.ctx.tokenizer.decode(job.tokens(j)), holds)
+          if len(text) > len(sent[j]) and text.startswith(sent[j]):
+            event([_delta(chat, j, text[len(sent[j]):])])
+            sent[j] = text
+      if job.error is not None:
+        self._event(protocol.error(f"generation failed: {job.error}", "server_error"))
+        return 500
+      final = protocol.render_response(req, job.result, self.ctx)
+      for j, choice in enumerate(final["choices"]):
+        text = choice["message"]["content"] or "" if chat else choice["text"]
+        if text.startswith(sent[j]) and len(text) > len(sent[j]):
+          event([_delta(chat, j, text[len(sent[j]):])])
+        last = _delta(chat, j, "", choice["finish_reason"])
+        if chat and choice["message"].get("tool_calls"):
+          last["delta"]["tool_calls"] = [dict(call, index=k) for k, call in enumerate(
+              choice["message"]["tool_calls"])]
+        last["token_ids"], last["version"] = choice["token_ids"], choice["version"]
+        event([last])
+      if req.include_usage:
+        event([], usage=final["usage"])
+      self.wfile.write(b"data: [DONE]\n\n")
+      self.wfile.flush()
+      return 200
+    except (BrokenPipeError, ConnectionResetError):
+      self.engine.cancel(job)
+      return "disconnected"
+
+  def _event(self, payload):
+    self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+    self.wfile.flush()
+
+  def _log_request(self, path, req, job, status):
+    gen = sum(len(c.tokens) for c in job.result or [])
+    wait = (job.started or job.finished or time.monotonic()) - job.submitted
+    latency = (job.finished or time.monotonic()) - job.submitted
+    log.info("POST %s %s model=%s n=%d stream=%s prompt_tokens=%d prefix_hit=%d "
+             "generated_tokens=%d queue_wait=%.3fs latency=%.3fs", path, status,
+             req.model or self.ctx.model_name, req.n, req.stream, len(req.prompt_ids),
+             job.prefix_hit, gen, wait, latency)
 
   def _client_gone(self) -> bool:
     """True when the peer closed its socket (readable with nothing left to read)."""
@@ -250,3 +229,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.wfile.write(data)
     except (BrokenPipeError, ConnectionResetError):
       pass
+
+
+def _holds(req, tok) -> list[str]:
+  """Markers whose start must not be streamed yet: stop strings, stop tokens, tool calls."""
+  stops = req.sampling.stop_ids if req.sampling.stop_ids is not None else tok.stop_ids
+  marks = list(req.sampling.stop) + [tok.decode([i]) for i in stops]
+  if req.tools and req.tool_choice != "none":
+    marks.append(TOOL_CALL_OPEN)
+  return [m for m in marks if m]
+
+
+def _visible(text, holds) -> str:
+  """text up to the first marker, minus a tail that could still become one (or a split char)."""
+  for m in holds:
+    cut = text.find(m)
+    if cut >= 0:
+      text = text[:cut]
+  keep = len(text)
+  for m in holds:
+    for k in range(min(len(m) - 1, len(text)), 0, -1):
+      if text.endswith(m[:k]):
+        keep = min(keep, len(text) - k)
+        break
+  text = text[:keep]
+  return text.rstrip("\ufffd")
+
+
+def _delta(chat, j, text, finish=None):
+  if chat:
+    return {"index": j, "delta": {"content": text} if text else {}, "finish_reason": finish}
+  return {"index": j, "text": text, "finish_reason": finish, "logprobs": None}

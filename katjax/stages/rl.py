@@ -79,6 +79,9 @@ def collect_groups(sampler, tokenizer, tasks, rl: RLConfig, *, step: int,
         monitor = rft.monitor(task) if rft is not None else None
         rollouts.append(run_episode(sampler, tokenizer, env, task, sampling, limits, seed=seed,
                                     monitor=monitor))
+      if rollouts[-1].error:  # the runner records failures; here one stops the stage
+        raise RuntimeError(f"task {task.get('id', t)!r}: episode failed: "
+                           f"{rollouts[-1].error}")
       if rollouts[-1].num_turns == 0 and rollouts[-1].finish_reason == "max_tokens":
         raise ValueError(f"task {task.get('id', t)!r}: the prompt alone has "
                          f"{len(rollouts[-1].tokens)} tokens >= rl.max_tokens={rl.max_tokens}; "

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from katjax.core import prune
-from katjax.core.tree import TOOL_CALL, TOOL_RESULT, Trajectory
+from katjax.core.fields import TOOL_CALL, TOOL_RESULT
+from katjax.core.tree import Trajectory
 
 
 def realistic_groups(num_tasks: int = 2, *, rollouts: int = 8, prompt_len=(1000, 2000),

@@ -8,7 +8,9 @@ of the flat sequences. Old (and reference) logprobs are computed in the same tre
 
 Batch: `TreeBatch.arrays()` (all [R, S]) plus, optionally, `old_logp` (PPO with several
 updates per rollout batch; absent = on-policy: old = stop_gradient(logp) of this very
-forward pass) and `ref_logp` (needed when loss_cfg.kl_coef > 0).
+forward pass), `ref_logp` (needed when loss_cfg.kl_coef > 0) and `attention_tiles`
+(int32[R, N, 2] from `katjax.model.tile_attention.attention_tiles(subtree_end,
+model_cfg.attention_block)`: attention over only the tiles the tree mask touches).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import functools
 
 import jax
 
-from katjax.core.losses import PolicyLossConfig, token_logprobs, tree_policy_loss
-from katjax.model import forward
+from katjax.core.head_logprobs import head_logprobs
+from katjax.core.losses import PolicyLossConfig, tree_policy_loss
+from katjax.model import hidden_states
 from katjax.train.step import train_step
 
 
@@ -27,9 +30,7 @@ def make_tree_loss_fn(model_cfg, loss_cfg: PolicyLossConfig):
 
   def loss_fn(params, batch, rng):
     del rng
-    logits = forward(model_cfg, params, batch["tokens"], batch["positions"],
-                     batch["subtree_end"])
-    logp, entropy = token_logprobs(logits, batch)
+    logp, entropy = tree_logprobs(model_cfg, params, batch)
     old = batch["old_logp"] if "old_logp" in batch else logp  # stop-gradient in the loss
     loss_sum, metrics = tree_policy_loss(logp, old, batch, loss_cfg, entropy=entropy)
     denom = metrics.pop("denom")
@@ -39,10 +40,14 @@ def make_tree_loss_fn(model_cfg, loss_cfg: PolicyLossConfig):
 
 
 def tree_logprobs(model_cfg, params, batch):
-  """(logp, entropy) float32[R, S] of the tree tokens under `params` (old / reference)."""
-  logits = forward(model_cfg, params, batch["tokens"], batch["positions"],
-                   batch["subtree_end"])
-  return token_logprobs(logits, batch)
+  """(logp, entropy) float32[R, S] of the tree tokens under `params` (old / reference).
+
+  Through the output projection in chunks of tokens (`head_logprobs`): the [R, S, vocab]
+  logits are never stored, forward or backward.
+  """
+  h, w = hidden_states(model_cfg, params, batch["tokens"], batch["positions"],
+                       batch["subtree_end"], batch.get("attention_tiles"))
+  return head_logprobs(h, w, batch)
 
 
 def make_tree_step(model_cfg, loss_cfg: PolicyLossConfig, optimizer, *, state_shardings=None,

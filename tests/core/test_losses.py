@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from katjax.testing.trees import random_group
 from katjax.core.advantages import grpo_advantages, rloo_advantages
 from katjax.core.losses import PolicyLossConfig, summarize, token_logprobs, tree_policy_loss
-from katjax.core.tree import pack_trees
+from katjax.core.tree_pack import pack_trees
 
 M = 1009  # table size of the toy "model"
 S = 64  # tokens per packed row

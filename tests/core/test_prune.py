@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from katjax.testing.trees import random_group, realistic_groups
 from katjax.core import prune, prune_jit
-from katjax.core.tree import TOOL_CALL, TOOL_RESULT, Trajectory, build_tree
+from katjax.core.fields import TOOL_CALL, TOOL_RESULT
+from katjax.core.tree import Trajectory, build_tree
 
 SETTINGS = settings(max_examples=300, deadline=None)
 ENTROPY_PRIORITY = jax.jit(prune_jit.entropy_priority)  # one compile (arrays padded to 32)

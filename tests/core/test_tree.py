@@ -4,12 +4,15 @@ Invariants are checked against the definitions on the flat trajectories (a token
 ancestors are its linear prefix), not against the builder's own bookkeeping.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from katjax.testing.trees import random_group, realistic_groups
-from katjax.core.tree import (Trajectory, build_tree, pack_trees, unpack)
+from katjax.core.tree import Trajectory, build_tree
+from katjax.core.tree_pack import pack_trees, unpack
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -70,11 +73,7 @@ def test_tree_round_trip_and_layout(seed):
 
 
 def _ancestors(tree, i):
-  out = []
-  while i >= 0:
-    out.append(i)
-    i = int(tree.parent[i])
-  return np.array(out[::-1])
+  return _ancestors_row(tree.parent, i)
 
 
 @SETTINGS
@@ -150,6 +149,59 @@ def test_subtree_keeps_ancestor_closed_prefixes(seed):
   if non_root:
     with pytest.raises(ValueError, match="ancestor-closed"):
       tree.subtree(non_root[:1])
+
+
+def _versioned(group, rng):
+  """The group with random per-token versions, and the expected version of every token after
+  a round trip: the smallest version among the trajectories sharing that token (same key
+  fields on the whole prefix), computed per trajectory from the flat group."""
+  group = [dataclasses.replace(t, version=rng.integers(0, 5, len(t))) for t in group]
+  earliest = {}
+  keys = []
+  for t in group:
+    key, per_token = (), []
+    for i in range(len(t)):
+      key += ((int(t.tokens[i]), float(t.logprobs[i]), float(t.entropy[i]), int(t.flags[i])),)
+      earliest[key] = min(earliest.get(key, 99), int(t.version[i]))
+      per_token.append(key)
+    keys.append(per_token)
+  expect = [np.array([earliest[k] for k in ks], np.int32) for ks in keys]
+  return group, [dataclasses.replace(t, version=e) for t, e in zip(group, expect)]
+
+
+@SETTINGS
+@given(st.integers(0, 2**31 - 1))
+def test_version_round_trip_build_pack_unpack_subtree(seed):
+  rng = np.random.default_rng(seed)
+  pairs = [_versioned(g, rng) for g in _groups(seed, 3)]
+  groups, expect = [p[0] for p in pairs], [p[1] for p in pairs]
+  trees = [build_tree(g) for g in groups]
+  for tree, want in zip(trees, expect):
+    _same(tree.trajectories(), want)
+  batch = pack_trees(trees, max(t.num_tokens for t in trees))
+  flat = [t for g in expect for t in g]
+  _same(unpack(batch), flat)
+  device = batch.arrays()["version"]
+  for b, t in enumerate(flat):  # the device array along each branch's path
+    path = _ancestors_row(batch.parent[batch.branch_row[b]], int(batch.branch_end[b]))
+    np.testing.assert_array_equal(device[batch.branch_row[b], path], t.version)
+  assert np.all(device[batch.mult == 0] == 0)
+  tree, want = trees[0], expect[0]
+  kept = {n for n in range(tree.num_nodes) if tree.node_parent[n] < 0}
+  for n in range(tree.num_nodes):
+    if tree.node_parent[n] in kept and rng.random() < 0.6:
+      kept.add(n)
+  sub = tree.subtree(sorted(kept))
+  for t, b in zip(sub.trajectories(), sub.branch_ids):
+    np.testing.assert_array_equal(t.version, want[b].version[:len(t)])
+
+
+def _ancestors_row(parent, i):
+  out = []
+  while i >= 0:
+    out.append(i)
+    i = int(parent[i])
+  return np.array(out[::-1])
 
 
 def test_realistic_groups_share_prompt():

@@ -9,10 +9,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import swe_repo  # noqa: E402
 
 from katjax.envs import Environment, ToolCall, make_env, tool_spec  # noqa: E402
-from katjax.envs.episode import run_episode  # noqa: E402
 from katjax.envs.swe_grade import TaskError, is_test_path, parse_pytest_log  # noqa: E402
 from katjax.sandbox import make_sandbox  # noqa: E402
 from katjax.sandbox.docker import docker_available  # noqa: E402
+from katjax.testing.scripted import run_scripted  # noqa: E402
 
 _ok, _why = docker_available()
 BACKENDS = [pytest.param("local"), pytest.param("docker", marks=[pytest.mark.docker] + (
@@ -86,8 +86,6 @@ def test_agent_episode_edit_and_submit(env, task):
 
 def test_bad_inputs_give_clear_errors_and_the_run_goes_on(task, tmp_path):
   env = make_env("swe", backend="local", test_timeout=60)  # errors do not depend on the backend
-  def policy(messages, tools):
-    return []
 
   bad = [
     ({**task, "repo_path": str(tmp_path / "gone"), "repo": "nobody/gone"}, "repository for task"),
@@ -98,8 +96,8 @@ def test_bad_inputs_give_clear_errors_and_the_run_goes_on(task, tmp_path):
   for t, msg in bad:
     with pytest.raises(TaskError, match=msg.replace("[", r"\[").replace("]", r"\]")):
       env.reset(t)
-    rec = run_episode(env, t, policy)
-    assert rec["error"].startswith("reset: TaskError") and msg in rec["error"]
+    rec = run_scripted(env, t, ["no tool calls"])
+    assert rec.error.startswith("reset: TaskError") and msg in rec.error
   env.reset(task)
   reward, info = env.grade("diff --git a/calc/__init__.py b/calc/__init__.py\n"
                            "--- a/calc/__init__.py\n+++ b/calc/__init__.py\n"
@@ -110,16 +108,14 @@ def test_bad_inputs_give_clear_errors_and_the_run_goes_on(task, tmp_path):
   assert reward == 0.0 and "markers not found" in info["error"]
   env.task = task
 
-  def crashing(messages, tools):
-    raise RuntimeError("agent crashed")
-  rec = run_episode(env, task, crashing)
-  assert rec["error"] == "policy: RuntimeError: agent crashed" and env.sandbox is None
+  rec = run_scripted(env, task, [RuntimeError("agent crashed")])
+  assert rec.error == "generate: RuntimeError: agent crashed" and env.sandbox is None
   # The run goes on: the next good episode still resolves.
-  gold_calls = iter([[ToolCall("1", "edit", {"path": "calc/__init__.py", "old_str": "a - b",
-                                             "new_str": "a + b"})],
-                     [ToolCall("2", "submit", {})]])
-  rec = run_episode(env, task, lambda m, t: next(gold_calls))
-  assert rec["error"] is None and rec["reward"] == 1.0 and rec["turns"] == 2
+  gold_calls = [[ToolCall("1", "edit", {"path": "calc/__init__.py", "old_str": "a - b",
+                                        "new_str": "a + b"})],
+                [ToolCall("2", "submit", {})]]
+  rec = run_scripted(env, task, gold_calls)
+  assert rec.error is None and rec.reward == 1.0 and rec.num_turns == 2
 
 
 def test_parse_pytest_log_is_pessimistic():
@@ -167,21 +163,21 @@ def test_no_leftovers_after_50_episodes(backend):
   workdirs, container_ids = [], []
 
   def policy_for(i):
-    def policy(messages, tools):
+    def policy(turn, prompt):
       workdirs.append(env.sandbox.workdir)
       if backend == "docker":
         container_ids.append(env.sandbox.container.id)
       if i % 3 == 0:
         raise RuntimeError(f"agent {i} raised")
-      if i % 3 == 1 and len(messages) == 1:
+      if i % 3 == 1 and turn == 0:
         return [ToolCall("1", "bash", {"command": "sleep 1000 & echo started"})]
-      return []
+      return "done"
     return policy
 
-  records = [run_episode(env, {"id": i}, policy_for(i), max_turns=2) for i in range(50)]
-  assert sum(r["error"] is not None for r in records) == 17
-  assert all(r["error"] is None or "raised" in r["error"] for r in records)
-  assert sum(r["reward"] for r in records) == 33
+  records = [run_scripted(env, {"id": i}, [policy_for(i)], max_turns=2) for i in range(50)]
+  assert sum(r.error is not None for r in records) == 17
+  assert all(r.error is None or "raised" in r.error for r in records)
+  assert sum(r.reward for r in records) == 33
   if backend == "docker":
     # Only this test's containers: under pytest-xdist a module-scoped sandbox of another test
     # file can still be alive in the same worker process (same pid label).

@@ -108,7 +108,7 @@ def _rollout():
   n = mask.size
   zeros = np.zeros(n, np.float32)
   return Rollout(tokens=np.arange(10, 10 + n, dtype=np.int32), loss_mask=mask, logprobs=zeros,
-                 raw_logprobs=zeros, entropies=zeros, events=np.zeros(n, np.int32),
+                 raw_logprobs=zeros, entropy=zeros, flags=np.zeros(n, np.int32),
                  turn_starts=np.array([4, 9, 14], np.int32),
                  turn_ends=np.array([7, 12, 16], np.int32), messages=[])
 

@@ -69,7 +69,7 @@ def test_greedy_cached_equals_uncached_recompute(sampler, params):
       logp = np_log_softmax(ref_logits(params, seq))
       assert tok == int(np.argmax(logp)), f"token {t} differs"
       np.testing.assert_allclose(comp.raw_logprobs[t], logp[tok], atol=1e-5)
-      np.testing.assert_allclose(comp.entropies[t], -(np.exp(logp) * logp).sum(), atol=1e-5)
+      np.testing.assert_allclose(comp.entropy[t], -(np.exp(logp) * logp).sum(), atol=1e-5)
       assert comp.logprobs[t] == 0.0  # greedy: the sampling distribution is a point mass
       seq.append(int(tok))
 

@@ -25,3 +25,11 @@ def test_tree_bench_counts_match_distinct_prefixes():
   assert lo <= out["flop_ratio"] <= hi
   assert out["flat_step_bytes"] > out["tree_step_bytes"] > 0
   assert out["flat_step_s"] > 0 and out["tree_step_s"] > 0
+  # The kernel computes tree_tiles tiles of block^2 pairs; the row's visible pairs are the
+  # tree's (one per distinct prefix and key) plus each padding token seeing itself.
+  rows, size = out["tree_rows"]
+  visible = tree_pairs + rows * size - len(prefixes)
+  computed = out["tree_tiles"] * out["tree_block"] ** 2
+  np.testing.assert_allclose(out["attention_efficiency"], visible / computed, rtol=1e-12)
+  assert 0 < out["attention_efficiency"] <= 1
+  np.testing.assert_allclose(out["speedup_vs_flop_ratio"], out["speedup"] / out["flop_ratio"])

@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 from katjax import model as kmodel
 from katjax.testing.trees import random_group
 from katjax.core.losses import PolicyLossConfig
-from katjax.core.tree import pack_trees
+from katjax.core.tree_pack import pack_trees
 from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params
 from katjax.train import TrainState, make_optimizer
 from katjax.train.tree_step import make_tree_loss_fn, make_tree_step, tree_logprobs

@@ -1,0 +1,185 @@
+"""SeamlessFlow's loop: agents, trajectory manager, engine and trainer run decoupled.
+
+Three parties, one process:
+- a feeder thread admits task groups while the staleness bound allows (the manager's AReaL
+  rule) and submits each episode to the scheduler as a "rollout" task;
+- episodes (`episode_fn(task, backend, seed) -> (reward, info)`: the agent loop with an
+  environment) talk to the inference engine through a `RecordingBackend`, so the manager
+  records every token exactly with the policy version that produced it;
+- the trainer takes a batch of finished groups as soon as one is ready, runs one step as a
+  "train" task and publishes the weights to the engine, which applies them between decode
+  chunks: episodes in flight continue on the new weights (partial rollouts), their earlier
+  tokens keep their old version.
+
+`mode="sync"` is the synchronous schedule for comparison: eta = 0 (one batch per version,
+nothing runs ahead) so rollouts wait for the update and the trainer waits for the slowest
+episode of each batch. `mode="async"` admits up to eta versions ahead.
+
+Failures: an episode that raises is aborted in the manager (its group dropped, counted) and
+its task queued again; a train step that raises is retried on the same groups (the flow
+state is untouched) up to `train_retries` times.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+
+import numpy as np
+
+from katjax.flow.scheduler import Resource, ThreadScheduler
+from katjax.flow.trajectories import RecordingBackend, TrajectoryManager
+
+MODES = ("sync", "async")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+  mode: str = "async"
+  eta: int = 1  # async staleness bound (versions ahead); sync uses 0
+  group_size: int = 4
+  groups_per_step: int = 2
+  steps: int = 4
+  rollout_slots: int = 8  # episodes running at once
+  train_retries: int = 2
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"flow mode must be one of {MODES}, got {self.mode!r}")
+    if self.eta < 0:
+      raise ValueError(f"flow eta (staleness bound) must be >= 0, got {self.eta}")
+    for name in ("group_size", "groups_per_step", "steps", "rollout_slots"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"flow {name} must be >= 1, got {getattr(self, name)}")
+
+  @property
+  def effective_eta(self) -> int:
+    return 0 if self.mode == "sync" else self.eta
+
+
+def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=None,
+             on_step=None) -> dict:
+  """Runs cfg.steps train steps; returns throughput, bubble, idle and staleness figures.
+
+  engine: `Engine`-like (thread-safe `generate`, `update_weights`, `version`, `snapshot`);
+  tasks: a list cycled in order; learner: `train(groups) -> (params, metrics)`;
+  on_step(step, metrics, manager): called after each published update (e.g. checkpoint).
+  """
+  manager = manager or TrajectoryManager(cfg.group_size, cfg.groups_per_step,
+                                         eta=cfg.effective_eta)
+  sched = ThreadScheduler([Resource("agents", {"rollout"}, slots=cfg.rollout_slots),
+                           Resource("trainer", {"train"})])
+  state = _FeederState(tasks)
+  stop = threading.Event()
+  wake = threading.Condition()
+  counters = collections.Counter()
+
+  def episode(task, session, seed):
+    try:
+      reward, info = episode_fn(task, RecordingBackend(engine, manager, session), seed)
+      manager.finish(session, reward, info)
+    except Exception:  # noqa: BLE001 - a dead agent is counted and its task rescheduled
+      counters["failed_episodes"] += 1
+      if session in manager.sessions:
+        state.requeue(manager.abort(session))
+    with wake:
+      wake.notify_all()
+
+  def feeder():
+    while not stop.is_set():
+      with wake:
+        while not stop.is_set() and not manager.can_admit(cfg.group_size):
+          wake.wait(0.05)
+      if stop.is_set():
+        return
+      task, key = state.next()
+      sessions = [f"{key}/{g}" for g in range(cfg.group_size)]
+      manager.start_group(key, sessions)
+      for g, s in enumerate(sessions):
+        sched.submit("rollout", episode, task, s, hash((key, g)) % (2**31))
+
+  t0 = time.monotonic()
+  thread = threading.Thread(target=feeder, daemon=True, name="katjax-flow-feeder")
+  thread.start()
+  waited, trained_s, steps, staleness, n_traj, n_tokens = 0.0, 0.0, [], [], 0, 0
+  try:
+    for step in range(cfg.steps):
+      w0 = time.monotonic()
+      taken = manager.take_batch()
+      while taken is None:
+        with wake:
+          wake.wait(0.02)
+        taken = manager.take_batch()
+      groups, info = taken
+      waited += time.monotonic() - w0
+      s0 = time.monotonic()
+      params, metrics = _train_with_retries(sched, learner, groups, cfg.train_retries,
+                                            counters)
+      engine.update_weights(params)
+      manager.set_version(step + 1)
+      with wake:
+        wake.notify_all()
+      trained_s += time.monotonic() - s0
+      staleness.append(info["staleness"])
+      n_traj += sum(len(g) for g in groups)
+      n_tokens += int(sum(t.loss_mask.sum() for g in groups for t in g))
+      metrics.update(info, reward_mean=float(np.mean([t.reward for g in groups for t in g])))
+      steps.append(metrics)
+      if on_step is not None:
+        on_step(step + 1, metrics, manager)
+  finally:
+    stop.set()
+    with wake:
+      wake.notify_all()
+    thread.join()
+    wall = time.monotonic() - t0
+    usage = sched.usage()
+    sched.shutdown()
+  snap = engine.snapshot() if hasattr(engine, "snapshot") else {}
+  return {"mode": cfg.mode, "eta": cfg.effective_eta, "steps": len(steps), "wall_s": wall,
+          "trajectories_per_s": n_traj / wall, "tokens_per_s": n_tokens / wall,
+          "trainer_bubble": waited / wall,
+          "rollout_idle": 1.0 - usage["busy"]["agents"]["rollout"] / cfg.rollout_slots,
+          "mean_staleness": float(np.mean(staleness)) if staleness else 0.0,
+          "prefix_cache_hit_rate": float(snap.get("prefix_hit_rate", 0.0)),
+          "failed_episodes": counters["failed_episodes"],
+          "train_retries": counters["train_retries"], "manager": dict(manager.stats),
+          "train_s": trained_s, "history": steps}
+
+
+class _FeederState:
+  """Tasks in order, cycled; rescheduled tasks go first."""
+
+  def __init__(self, tasks):
+    if not tasks:
+      raise ValueError("run_flow: no tasks")
+    self._tasks = list(tasks)
+    self._order = itertools.count()
+    self._again: collections.deque = collections.deque()
+    self._lock = threading.Lock()
+
+  def next(self):
+    with self._lock:
+      n = next(self._order)
+      if self._again:
+        key = self._again.popleft()
+        return self._tasks[int(key.split("#")[0])], f"{key.split('#')[0]}#{n}"
+      return self._tasks[n % len(self._tasks)], f"{n % len(self._tasks)}#{n}"
+
+  def requeue(self, key: str) -> None:
+    with self._lock:
+      self._again.append(key)
+
+
+def _train_with_retries(sched, learner, groups, retries, counters):
+  for attempt in range(retries + 1):
+    try:
+      return sched.submit("train", learner.train, groups).result()
+    except Exception:  # noqa: BLE001
+      if attempt == retries:
+        raise
+      counters["train_retries"] += 1
+  raise AssertionError("unreachable")
