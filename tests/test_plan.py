@@ -52,11 +52,18 @@ def test_plan_bytes_equal_a_real_sharded_state(plan):
   assert p.train.peak > p.train_half.peak
 
 
+def test_largest_row_is_the_linear_fit_rounded_down():
+  # peak = 50 + 50 * S / 256 bytes: 125 fits S = 384; 60 fits S = 51, below one block
+  assert largest_row([(256, 100), (512, 150)], 125, 64) == 384
+  assert largest_row([(512, 150), (256, 100)], 149, 64) == 448
+  assert largest_row([(256, 100), (512, 150)], 60, 64) == 0
+  with pytest.raises(ValueError, match="does not grow"):
+    largest_row([(256, 100), (512, 100)], 60, 64)
+
+
 def test_largest_row_and_the_too_long_row_error(plan):
   _, p = plan
   assert largest_row([(256, p.train_half.peak), (512, p.train.peak)], p.train.peak, 64) == 512
-  assert largest_row([(256, 100), (512, 200)], 150, 64) == 384
-  assert largest_row([(256, 100), (512, 200)], 50, 64) == 0
   budget = (p.train_half.peak + p.train.peak) / 2 / GIB
   devices = {"small": budget}
   p.largest["small"] = largest_row([(256, p.train_half.peak), (512, p.train.peak)],
