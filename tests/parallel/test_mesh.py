@@ -98,7 +98,8 @@ def test_train_state_shardings_shard_adam_moments_like_the_params():
   state = jax.jit(create, out_shardings=sh)(params)
   up = params["layers"]["mlp"]["up"]["kernel"]
   moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == up.shape]
-  assert len(moments) == 4 and up.sharding.spec  # mu, nu of the up and gate kernels == PartitionSpec(None, "fsdp", None)
+  assert len(moments) == 4  # mu and nu of the up and gate kernels (same shape)
+  assert up.sharding.spec == PartitionSpec(None, "fsdp", None)
   for m in moments:  # each device holds an eighth, as for the weight itself
     assert m.sharding.spec == up.sharding.spec
     assert m.addressable_shards[0].data.size == up.size // 8
