@@ -33,8 +33,9 @@ def main(argv):
   from absl import logging
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  from katjax.parallel import initialize
-  initialize()
+  from katjax.parallel import check_same_config, initialize, is_main_process
+  initialize()  # multi-host: from the environment (launch/README.md); else a no-op
+  check_same_config(_CONFIG.value)  # every host must run the same config
   stage = _STAGE.value
   try:
     module = importlib.import_module(f"katjax.stages.{stage}")
@@ -49,8 +50,9 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix=f"katjax_{stage}_")
   os.makedirs(workdir, exist_ok=True)
-  print(f"katjax.launch: stage={stage} config={flags.FLAGS['config'].config_filename} "
-        f"workdir={workdir}")
+  if is_main_process():
+    print(f"katjax.launch: stage={stage} config={flags.FLAGS['config'].config_filename} "
+          f"workdir={workdir}")
   module.run(_CONFIG.value, workdir)
 
 

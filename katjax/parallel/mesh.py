@@ -18,7 +18,8 @@ from katjax.parallel.rules import DEFAULT_RULES, MESH_AXES, mesh_axes_for
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  """Mesh with axes ("data", "fsdp", "tensor"); one size may be -1 (= the remaining devices)."""
+  """Mesh with axes ("data", "fsdp", "tensor") over all `devices` (default: every device of
+  every process); one size may be -1 (= the remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
@@ -34,6 +35,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   if total > len(devices):
     raise ValueError(f"make_mesh: mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, "
                      f"only {len(devices)} available")
+  if total != len(devices):
+    # A mesh over part of the devices would leave chips idle (and, multi-host, whole hosts
+    # out of every collective): ask for the split explicitly.
+    fit = "does not divide" if len(devices) % total else "uses only part of"
+    raise ValueError(f"make_mesh: mesh {dict(zip(MESH_AXES, sizes))} of {total} devices "
+                     f"{fit} the {len(devices)} devices; make the sizes multiply to "
+                     f"{len(devices)} (one may be -1) or pass devices=")
   try:
     grid = jax.experimental.mesh_utils.create_device_mesh(sizes, devices[:total])
   except Exception:  # noqa: BLE001 - fake CPU devices have no topology; plain order is fine
@@ -77,6 +85,28 @@ def param_shardings(axes, shapes, mesh: Mesh, rules=DEFAULT_RULES):
 def shard_params(params, axes, mesh: Mesh, rules=DEFAULT_RULES):
   """Place params on the mesh by their logical axes (`katjax.model.logical_axes(cfg)`)."""
   return jax.device_put(params, param_shardings(axes, params, mesh, rules))
+
+
+def opt_state_shardings(optimizer, opt_state, params_shardings, mesh: Mesh):
+  """Shardings for an optax state: each params-shaped part (Adam's mu, nu) sharded like the
+  params, everything else (counts, injected hyperparameters) replicated.
+
+  jit does not propagate the params' shardings into `optimizer.init` (its zeros do not
+  depend on the params' values), so without these the moments come out replicated.
+  `opt_state` may be abstract (`jax.eval_shape(optimizer.init, params)`).
+  """
+  import optax  # optimizers are a train-time dependency
+  return optax.tree_map_params(optimizer, lambda _, sh: sh, opt_state, params_shardings,
+                               transform_non_params=lambda _: replicated(mesh))
+
+
+def train_state_shardings(optimizer, abstract_state, params_shardings, mesh: Mesh):
+  """Shardings for a train state (fields `params`, `opt_state`, the rest replicated), to give
+  `jax.jit(TrainState.create, out_shardings=...)`. abstract_state: `jax.eval_shape` of it."""
+  rep = replicated(mesh)
+  return jax.tree.map(lambda _: rep, abstract_state).replace(
+      params=params_shardings,
+      opt_state=opt_state_shardings(optimizer, abstract_state.opt_state, params_shardings, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:

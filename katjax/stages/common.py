@@ -7,6 +7,7 @@ import os
 from absl import logging
 
 from katjax.data import write_default_data
+from katjax.parallel import is_main_process
 
 
 def make_tokenizer(config, workdir: str | None = None):
@@ -33,7 +34,9 @@ def data_files(config, workdir: str, stage: str) -> tuple[str, str]:
 
 
 def report(stage: str, data, summary: dict) -> None:
-  """Print what the run did (the demo's output)."""
+  """Print what the run did (the demo's output); on process 0 only."""
+  if not is_main_process():
+    return
   s = data.stats
   losses = summary["losses"]
   print(f"[{stage}] packed {s.sequences} sequences into {s.rows} rows of {s.seq_len} "

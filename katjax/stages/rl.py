@@ -31,6 +31,7 @@ from katjax.rollout.agent import AgentLimits, run_episode
 from katjax.rollout.sampler import Sampler, SamplingParams
 from katjax.stages.common import make_tokenizer
 from katjax.train.config import RLConfig, parse
+from katjax.train.mfu import MfuMeter
 from katjax.train.trainer import Trainer
 from katjax.train.tree_step import make_tree_step
 
@@ -136,13 +137,16 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   state = tr.state
   sampler = Sampler(tr.cfg, state.params, max_len=rl.max_tokens, tokenizer=tokenizer)
   summary = {"start_step": tr.start, "reward_mean": {}, "loss": {}, "workdir": workdir}
+  mfu = MfuMeter(tr.cfg, tc.peak_flops)  # katjax/train/mfu.py
   for step in range(tr.start, tc.steps):
     t0 = time.perf_counter()
     groups, stats = collect_groups(sampler, tokenizer, next(it), rl, step=step, rft=rft)
     t1 = time.perf_counter()
     batch, info = prune_batch(groups, rl.num_rows, rl.row_tokens, prune_cfg,
                               norm=prune_cfg.norm)
-    state, metrics = step_fn(state, jax.device_put(batch.arrays(), tr.batch_sharding))
+    arrays = jax.device_put(batch.arrays(), tr.batch_sharding)
+    state, metrics = step_fn(state, arrays)
+    mfu.add(arrays)
     sampler.update_weights(state.params)
     metrics = jax.device_get(metrics)
     t2 = time.perf_counter()
@@ -150,7 +154,8 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
     metrics.update(stats, flat_tokens=float(sum(len(t) for g in groups for t in g)),
                    kept_tokens=float(info["kept_tokens"]), tree_tokens=float(info["tokens"]),
                    retained_signal=float(info["retained_signal"]),
-                   rollout_s=t1 - t0, train_s=t2 - t1, bubble=(t1 - t0) / (t2 - t0))
+                   rollout_s=t1 - t0, train_s=t2 - t1, bubble=(t1 - t0) / (t2 - t0),
+                   **mfu.take(t2 - t1))
     summary["reward_mean"][done] = stats["reward_mean"]
     summary["loss"][done] = float(metrics["loss"])
     if tr.is_log_step(done):

@@ -1,7 +1,8 @@
 """Checkpoints: one orbax CheckpointManager holding train state, data iterator and config.
 
 Each step directory holds `state` (the TrainState pytree: step, params, optimizer, rng),
-`data` (the grain iterator state of this host) and `config` (JSON). orbax writes to a
+`data` (the grain iterator state of each host; restorable on another host count, see
+`katjax.parallel.host_data`) and `config` (JSON). orbax writes to a
 temporary directory and renames it when complete, so a run killed mid-save (even by SIGKILL
 during an async save) resumes from the last complete step. Keeps the newest `keep`.
 """
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+
+from katjax.parallel.host_data import HostDataRestore, HostDataSave
 
 
 class Checkpointer:
@@ -37,7 +39,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iter, config: dict, *, force: bool = False) -> bool:
     """Start saving (async: returns once device arrays are copied); True if a save began."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iter),
+                              data=HostDataSave(data_iter),
                               config=ocp.args.JsonSave(_jsonable(config)))
     return self._mgr.save(step, args=args, force=force)
 
@@ -53,7 +55,7 @@ class Checkpointer:
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     out = self._mgr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
-        data=grain.checkpoint.CheckpointRestore(data_iter),
+        data=HostDataRestore(data_iter),
         config=ocp.args.JsonRestore()))
     return out.state, out.config
 

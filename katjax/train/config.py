@@ -60,6 +60,7 @@ class TrainConfig:
   checkpoint_every: int = 15
   keep: int = 2
   async_checkpoint: bool = True
+  peak_flops: float = 0.0  # per device, for MFU; 0: looked up from the device kind
 
   def __post_init__(self):
     for name in ("steps", "micro_batches", "log_every", "checkpoint_every", "keep"):

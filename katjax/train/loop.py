@@ -21,6 +21,7 @@ from katjax.data.pipeline import PackedData, batch_dataset, make_iterator
 from katjax.parallel import make_mesh, replicated
 from katjax.train.config import parse
 from katjax.train.losses import lm_loss
+from katjax.train.mfu import MfuMeter
 from katjax.train.step import train_step
 from katjax.train.trainer import Trainer
 
@@ -50,15 +51,18 @@ def train_lm(config, workdir: str, train_data: PackedData, eval_data: PackedData
   summary = {"start_step": tr.start, "losses": {}, "eval_loss": {}, "skipped": 0,
              "workdir": workdir}
   t0, tokens = time.perf_counter(), 0
+  mfu = MfuMeter(tr.cfg, tr.run.train.peak_flops)  # katjax/train/mfu.py
   for step in range(tr.start, tc.steps):
     batch = _to_global(next(it), batch_sh)
     state, metrics = step_fn(state, batch)
-    tokens += int(np.asarray(batch["tokens"]).size)
+    tokens += int(batch["tokens"].size)  # global size: every host holds only its rows
+    mfu.add(batch)
     done = step + 1
     if tr.is_log_step(done):
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - t0
       metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+      metrics.update(mfu.take(elapsed))
       summary["losses"][done] = float(metrics["loss"])
       summary["skipped"] += int(metrics["skipped"])
       tr.log.write(done, metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
@@ -14,7 +15,7 @@ class MetricsLogger:
   """write(step, {name: scalar}, prefix) -> TensorBoard + metrics.jsonl; bar shows progress."""
 
   def __init__(self, logdir: str, total_steps: int, initial_step: int = 0, enabled=True):
-    self.enabled = enabled
+    self.enabled = enabled and jax.process_index() == 0  # multi-host: process 0 reports
     self._tb = self._jsonl = self._bar = None
     if not enabled:
       return

@@ -22,7 +22,8 @@ from typing import Any
 import jax
 
 from katjax import model as kmodel
-from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params
+from katjax.parallel import (batch_sharding, make_mesh, replicated, shard_params,
+                             train_state_shardings)
 from katjax.train import init_from as init_from_lib
 from katjax.train.checkpoint import Checkpointer
 from katjax.train.config import RunConfig, parse, to_dict
@@ -68,8 +69,12 @@ class Trainer:
     if params is None:
       params = kmodel.init(cfg, init_key)
     params = shard_params(params, kmodel.logical_axes(cfg), mesh)
-    state = jax.jit(functools.partial(TrainState.create, optimizer=optimizer))(
-        params, rng=jax.device_put(state_key, replicated(mesh)))
+    create = functools.partial(TrainState.create, optimizer=optimizer)
+    key = jax.device_put(state_key, replicated(mesh))
+    # Adam's moments sharded like the params (jit alone would replicate them on every device)
+    state_sh = train_state_shardings(optimizer, jax.eval_shape(create, params, rng=key),
+                                     jax.tree.map(lambda x: x.sharding, params), mesh)
+    state = jax.jit(create, out_shardings=state_sh)(params, rng=key)
     start = 0
     if resuming:
       state, _ = ckpt.restore(state, data_iter)

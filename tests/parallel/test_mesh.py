@@ -72,6 +72,11 @@ def test_logical_spec_drops_axes_that_do_not_divide():
 def test_make_mesh_errors_name_the_problem():
   with pytest.raises(ValueError, match="needs 16 devices"):
     parallel.make_mesh(4, 4, 1)
+  with pytest.raises(ValueError, match="of 3 devices does not divide the 8 devices"):
+    parallel.make_mesh(3, 1, 1)
+  with pytest.raises(ValueError, match="uses only part of the 8 devices"):
+    parallel.make_mesh(2, 2, 1)
+  assert parallel.make_mesh(3, 1, 1, devices=jax.devices()[:3]).shape["data"] == 3
   with pytest.raises(ValueError, match="at most one axis"):
     parallel.make_mesh(-1, -1, 1)
   with pytest.raises(ValueError, match="no rule"):
@@ -79,3 +84,23 @@ def test_make_mesh_errors_name_the_problem():
   assert isinstance(parallel.replicated(parallel.make_mesh()), NamedSharding)
   assert parallel.make_mesh().shape == {"data": 8, "fsdp": 1, "tensor": 1}
   assert jnp.zeros(1).shape == (1,)
+
+
+def test_train_state_shardings_shard_adam_moments_like_the_params():
+  from katjax.train.state import TrainState, make_optimizer
+  mesh = parallel.make_mesh(1, 8, 1)
+  params = parallel.shard_params(model.init(CFG, jax.random.PRNGKey(0)),
+                                 model.logical_axes(CFG), mesh)
+  opt = make_optimizer()
+  create = lambda p: TrainState.create(p, opt, jax.random.PRNGKey(1))  # noqa: E731
+  p_sh = jax.tree.map(lambda x: x.sharding, params)
+  sh = parallel.train_state_shardings(opt, jax.eval_shape(create, params), p_sh, mesh)
+  state = jax.jit(create, out_shardings=sh)(params)
+  up = params["layers"]["mlp"]["up"]["kernel"]
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == up.shape]
+  assert len(moments) == 4  # mu and nu of the up and gate kernels (same shape)
+  assert up.sharding.spec == PartitionSpec(None, "fsdp", None)
+  for m in moments:  # each device holds an eighth, as for the weight itself
+    assert m.sharding.spec == up.sharding.spec
+    assert m.addressable_shards[0].data.size == up.size // 8
+  assert state.step.sharding.spec == PartitionSpec()

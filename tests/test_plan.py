@@ -1,0 +1,90 @@
+"""katjax.plan on a small config: the AOT plan's per-device bytes equal what a real sharded
+train state holds, temporaries grow with the row, the fit table and the too-long-row error
+name the largest row that fits, and the CLI prints the table."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from katjax import model, parallel
+from katjax.plan import GIB, largest_row
+from katjax.plan.table import check_row_fits, format_plan, plan_mesh
+from katjax.train.state import make_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = model.ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        ffn_dim=128, remat=True, attention_impl="blockwise",
+                        attention_block=64)
+
+
+@pytest.fixture(scope="module")
+def plan():
+  mesh = parallel.make_mesh(1, 2, 2, devices=jax.devices()[:4])
+  return mesh, plan_mesh(CFG, mesh, row_tokens=512, decode_batch=4, cache_len=256,
+                         optimizer=make_optimizer())
+
+
+def _device0_bytes(tree):
+  dev = jax.devices()[0]
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+             if s.device == dev)
+
+
+def test_plan_bytes_equal_a_real_sharded_state(plan):
+  mesh, p = plan
+  params = parallel.shard_params(model.init(CFG, jax.random.PRNGKey(0)),
+                                 model.logical_axes(CFG), mesh)
+  assert p.train.params == _device0_bytes(params)
+  # AdamW: two float32 moments per weight, sharded like it, plus a few replicated scalars
+  assert 0 <= p.train.optimizer - 2 * p.train.params < 1024
+  assert p.decode.params == p.train.params
+  # fsdp x tensor = 4 devices: each holds well under the whole model
+  whole = sum(x.nbytes for x in jax.tree.leaves(params))
+  assert p.train.params < whole / 2
+  # arguments: the state plus this device's batch row ([R, S] arrays of 4 bytes, R = 2 rows
+  # over fsdp = 2; jit drops the arrays the loss does not read)
+  assert p.train.arguments > p.train.params + p.train.optimizer + 10 * 512 * 4
+  assert p.train.temporaries > p.train_half.temporaries > 0
+  assert p.train.peak > p.train_half.peak
+
+
+def test_largest_row_is_the_linear_fit_rounded_down():
+  # peak = 50 + 50 * S / 256 bytes: 125 fits S = 384; 60 fits S = 51, below one block
+  assert largest_row([(256, 100), (512, 150)], 125, 64) == 384
+  assert largest_row([(512, 150), (256, 100)], 149, 64) == 448
+  assert largest_row([(256, 100), (512, 150)], 60, 64) == 0
+  with pytest.raises(ValueError, match="does not grow"):
+    largest_row([(256, 100), (512, 100)], 60, 64)
+
+
+def test_largest_row_and_the_too_long_row_error(plan):
+  _, p = plan
+  assert largest_row([(256, p.train_half.peak), (512, p.train.peak)], p.train.peak, 64) == 512
+  budget = (p.train_half.peak + p.train.peak) / 2 / GIB
+  devices = {"small": budget}
+  p.largest["small"] = largest_row([(256, p.train_half.peak), (512, p.train.peak)],
+                                   budget * GIB, 64)
+  assert 256 <= p.largest["small"] < 512
+  with pytest.raises(ValueError, match=r"row of 512 tokens does not fit mesh \(1, 2, 2\) on "
+                     r"small .* the largest row that fits is 3\d\d tokens"):
+    check_row_fits([p], "small", devices)
+  table = format_plan([p])
+  assert "| (1, 2, 2) | 4 |" in table and "H100 (80 GiB): fits / largest row" in table
+
+
+@pytest.mark.slow
+def test_cli_prints_the_table_and_rejects_a_bad_mesh():
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  cmd = [sys.executable, "-m", "katjax.plan", f"--config={ROOT}/configs/tiny.py",
+         "--mesh=2,1,2", "--row_tokens=256", "--decode_batch=4"]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "| (2, 1, 2) | 4 |" in out.stdout and "tree step, row of 256 tokens" in out.stdout
+  bad = subprocess.run(cmd[:4] + ["--mesh=2,x"], env=env, capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+  assert bad.returncode != 0 and "--mesh='2,x'" in bad.stderr
