@@ -143,6 +143,8 @@ def mid_corpus(n_docs: int, seed: int = 0) -> list[str]:
                   "can go in one turn.\n" + json.dumps(tools))
     elif kind == 1:
       task = _draw(rng, rng.choice(LEVELS))
+      while task_split(task) != "train":  # not even a held-out task's question is seen
+        task = _draw(rng, task["level"])
       msgs = [{"role": "system", "content": SYSTEM_PROMPT},
               {"role": "user", "content": question(task)}]
       docs.append(tok.render_chat(msgs, tools))

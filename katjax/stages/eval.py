@@ -123,11 +123,21 @@ def train_tasks(config) -> list[dict]:
 def run(config, workdir: str) -> dict:
   """Loads the policy of `config.init_from` (random weights when empty), evaluates it on
   the held-out split and writes `eval.json` into `workdir`."""
-  from katjax.stages import policy
+  import jax
+
+  from katjax import model as kmodel
+  from katjax.rollout.sampler import Sampler
+  from katjax.stages.common import make_tokenizer
+  from katjax.train.init_from import load_params
+  from katjax.train.loop import model_config
   t0 = time.perf_counter()
   tasks = heldout_tasks(config)
-  cfg, params, tokenizer = policy.load_policy(config, workdir)
-  sampler = policy.make_sampler(config, cfg, params, tokenizer)
+  cfg = model_config(config)
+  tokenizer = make_tokenizer(config)
+  params = (load_params(cfg, config.init_from, None) if config.init_from
+            else kmodel.init(cfg, jax.random.PRNGKey(config.train.seed)))
+  sampler = Sampler(cfg, params, max_len=config.rl.max_tokens, tokenizer=tokenizer,
+                    max_batch=256)
   metrics = evaluate(sampler, tokenizer, tasks, config.eval, config.rl)
   metrics["wall_s"] = time.perf_counter() - t0
   os.makedirs(workdir, exist_ok=True)

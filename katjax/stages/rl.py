@@ -28,7 +28,8 @@ from katjax.core.losses import PolicyLossConfig
 from katjax.core.prune import PruneConfig, prune_batch
 from katjax.envs.base import load_tasks, make_env
 from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params
-from katjax.rollout.agent import AgentLimits, run_episode
+from katjax.rollout.agent import AgentLimits
+from katjax.rollout.batch import run_episodes
 from katjax.rollout.sampler import Sampler, SamplingParams
 from katjax.stages.common import make_tokenizer
 from katjax.train.checkpoint import Checkpointer
@@ -48,9 +49,14 @@ def run(config, workdir: str) -> dict:
 
 
 def load_rl_tasks(rl) -> list[dict]:
-  """`rl.tasks_file` (JSONL) or, when empty, `rl.num_tasks` generated arithmetic tasks."""
+  """`rl.tasks_file` (JSONL) or, when empty, `rl.num_tasks` generated tasks (arithmetic, or
+  the training split of lookup, each with its optimal episode as RFT's `teacher`)."""
   if rl.tasks_file:
     return load_tasks(rl.tasks_file)
+  if rl.env == "lookup":
+    from katjax.data import lookup
+    return [dict(t, teacher=lookup.teacher_episode(t))
+            for t in lookup.generate_tasks(rl.num_tasks, split="train", seed=rl.task_seed)]
   if rl.env != "arithmetic":
     raise ValueError(f"rl.tasks_file is empty and rl.env={rl.env!r} has no task generator; "
                      f"give --config.rl.tasks_file")
@@ -69,19 +75,25 @@ def collect_groups(sampler, tokenizer, tasks, rl, *, step: int, rft=None) -> tup
                             max_new_tokens=rl.max_new_tokens)
   limits = AgentLimits(max_turns=rl.max_turns, max_tokens=rl.max_tokens,
                        max_new_tokens=rl.max_new_tokens)
+  # Every rollout of the step runs in lock-step: one sampler call per turn serves them all.
+  runs = [(t, g) for t in range(len(tasks)) for g in range(rl.group_size)]
+  envs = [make_env(rl.env) for _ in runs]
+  try:
+    flat = run_episodes(sampler, tokenizer, envs, [tasks[t] for t, _ in runs], sampling,
+                        limits, seed=step * len(runs),
+                        monitors=[rft.monitor(tasks[t]) if rft is not None else None
+                                  for t, _ in runs])
+  finally:
+    for env in envs:
+      env.close()
+  for (t, _), r in zip(runs, flat):
+    if r.num_turns == 0 and r.finish_reason == "max_tokens":
+      raise ValueError(f"task {tasks[t].get('id', t)!r}: the prompt alone has "
+                       f"{len(r.tokens)} tokens >= rl.max_tokens={rl.max_tokens}; "
+                       f"raise rl.max_tokens (and rl.row_tokens)")
   groups, rewards, turns, calls, parallel, cut = [], [], [], [], [], 0
   for t, task in enumerate(tasks):
-    rollouts = []
-    for g in range(rl.group_size):
-      with make_env(rl.env) as env:
-        seed = (step * len(tasks) + t) * rl.group_size + g
-        monitor = rft.monitor(task) if rft is not None else None
-        rollouts.append(run_episode(sampler, tokenizer, env, task, sampling, limits, seed=seed,
-                                    monitor=monitor))
-      if rollouts[-1].num_turns == 0 and rollouts[-1].finish_reason == "max_tokens":
-        raise ValueError(f"task {task.get('id', t)!r}: the prompt alone has "
-                         f"{len(rollouts[-1].tokens)} tokens >= rl.max_tokens={rl.max_tokens}; "
-                         f"raise rl.max_tokens (and rl.row_tokens)")
+    rollouts = flat[t * rl.group_size:(t + 1) * rl.group_size]
     branches = [x.to_tree(group_id=t, policy_version=step) for x in rollouts]
     if rft is None:
       r = np.asarray([x.reward for x in rollouts], np.float64)
@@ -106,10 +118,11 @@ def collect_groups(sampler, tokenizer, tasks, rl, *, step: int, rft=None) -> tup
   return groups, stats
 
 
-def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
+def train_rl(config, workdir: str, *, verbose: bool = True, rft=None, params=None) -> dict:
   """Run (or resume) the RL loop; returns {start_step, steps, reward_mean, loss, state}.
 
   rft: see `collect_groups` (the RFT stage passes its ground-truth rewards).
+  params: the step-0 weights (e.g. the previous stage's, from --stage=all); None = random.
   """
   cfg, rl, tc = model_config(config), config.rl, config.train
   tokenizer = make_tokenizer(config)
@@ -126,7 +139,9 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
     raise ValueError(f"{len(tasks)} tasks, fewer than rl.tasks_per_step={rl.tasks_per_step}")
   optimizer = make_optimizer(config.optimizer)
   init_key, state_key = jax.random.split(jax.random.PRNGKey(tc.seed))
-  params = shard_params(kmodel.init(cfg, init_key), kmodel.logical_axes(cfg), mesh)
+  if params is None:
+    params = kmodel.init(cfg, init_key)
+  params = shard_params(params, kmodel.logical_axes(cfg), mesh)
   state = jax.jit(lambda p, k: TrainState.create(p, optimizer, k))(
       params, jax.device_put(state_key, replicated(mesh)))
   state_sh = jax.tree.map(lambda x: x.sharding, state)

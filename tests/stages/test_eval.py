@@ -27,3 +27,37 @@ def test_wilson_interval_matches_root_search(k, n):
   want = _wilson_by_bisection(k, n)
   assert math.isclose(lo, want[0], abs_tol=1e-7) and math.isclose(hi, want[1], abs_tol=1e-7)
   assert lo <= k / n <= hi
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+  import jax
+  from katjax import model as kmodel
+  from katjax.data import lookup
+  from katjax.data.bpe import train_bpe
+  from katjax.rollout.sampler import Sampler
+  tok = train_bpe(lookup.mid_corpus(300), 320)
+  cfg = kmodel.ModelConfig(vocab_size=320, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                           ffn_dim=64, dtype="float32", family="qwen3", qk_norm=True,
+                           tie_embeddings=True)
+  params = kmodel.init(cfg, jax.random.PRNGKey(0))
+  return Sampler(cfg, params, max_len=320, tokenizer=tok, max_batch=64), tok
+
+
+def test_eval_is_deterministic_for_a_seed(tiny_policy):
+  import ml_collections
+  from katjax.data import lookup
+  from katjax.stages.eval import evaluate
+  sampler, tok = tiny_policy
+  tasks = lookup.generate_tasks(6, "heldout", seed=0)
+  rl = ml_collections.ConfigDict(dict(env="lookup", max_turns=2, max_new_tokens=24,
+                                      max_tokens=320))
+  ev = lambda seed: ml_collections.ConfigDict(dict(seed=seed, temperature=1.0, samples=2))
+  a, b = (evaluate(sampler, tok, tasks, ev(3), rl) for _ in range(2))
+  assert a == b and a["n_tasks"] == 6 and a["k"] == 2
+  assert abs(sum(a["finish_reasons"].values()) - 1.0) < 1e-9
+  c = evaluate(sampler, tok, tasks, ev(4), rl)
+  assert c["tokens_per_episode"] != a["tokens_per_episode"]  # the seed matters
+  greedy = ml_collections.ConfigDict(dict(seed=0, temperature=0.0, samples=5))
+  g = evaluate(sampler, tok, tasks, greedy, rl)
+  assert g["k"] == 1 and g == evaluate(sampler, tok, tasks, greedy, rl)

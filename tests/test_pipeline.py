@@ -1,0 +1,64 @@
+"""--stage=all pieces that need no training: data preparation and the held-out guarantees."""
+
+import json
+
+import ml_collections
+import pytest
+
+from katjax.data import lookup
+
+
+def _config(tmp_path=None, **eval_fields):
+  import sys, os
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import pipeline_tiny
+  c = pipeline_tiny.get_config()
+  c.rl.num_tasks = 400
+  c.pipeline.sft_episodes = 300
+  c.pipeline.mid_docs = 300
+  c.eval.num_tasks = 100
+  c.eval.update(eval_fields)
+  return c
+
+
+def _content(question, results):
+  """Task content seen in training text: the question and every looked-up value, sorted."""
+  return (question, tuple(sorted(results)))
+
+
+def test_heldout_tasks_never_appear_in_training_data(tmp_path):
+  from katjax.stages import all as all_stage
+  from katjax.stages.eval import heldout_tasks, train_tasks
+  config = _config()
+  paths = all_stage.prepare(config, str(tmp_path))
+  held = heldout_tasks(config)
+  held_content = {_content(lookup.question(t), t["table"].values()) for t in held}
+  seen = set()
+  with open(paths["sft"]) as f:
+    for line in f:
+      msgs = json.loads(line)["messages"]
+      question = next(m["content"] for m in msgs if m["role"] == "user")
+      results = {m["content"] for m in msgs if m["role"] == "tool"} - {"Submitted."}
+      seen.add(_content(question, results))
+  for t in train_tasks(config):  # RFT / RL tasks
+    seen.add(_content(lookup.question(t), t["table"].values()))
+  assert len(seen) > 300 and not held_content & seen
+  with open(paths["mid"]) as f:  # mid: no held-out question, no tool result after a call
+    mid = [json.loads(line)["text"] for line in f]
+  prompts = {d.split("<|im_start|>user\n")[1].split("<|im_end|>")[0] for d in mid
+             if "<|im_start|>user\nget" in d or "<|im_start|>user\nchain" in d}
+  held_prompts_only = {lookup.question(t) for t in held} - {
+      lookup.question(t) for t in lookup.generate_tasks(3000, "train", seed=9)}
+  assert prompts and not prompts & held_prompts_only
+
+
+def test_eval_split_overlapping_training_is_an_error(tmp_path):
+  from katjax.stages.eval import heldout_tasks, train_tasks
+  config = _config()
+  leaked = train_tasks(config)[5]
+  path = tmp_path / "eval.jsonl"
+  path.write_text("".join(json.dumps(t) + "\n" for t in
+                          lookup.generate_tasks(10, "heldout") + [leaked]))
+  config.eval.tasks_file = str(path)
+  with pytest.raises(ValueError, match="overlaps the training data"):
+    heldout_tasks(config)
