@@ -12,7 +12,8 @@ The miniature of the KAT report's figure 5 (DESIGN.md section 8). One workdir:
                           "parallel_call_share", "wall_s"}, ...]}
     DIR/figure5.png      success per stage with its 95% interval, and the RL reward curve
 
-Each stage starts from the previous stage's params (base: random init). A stage whose
+Each stage starts from the previous stage's params (base: random init); a stage with
+`pipeline.<stage>_steps=0` is left out (no training, no evaluation, params pass through). A stage whose
 eval.json exists is finished: a rerun skips it (and says so) and takes its params from its
 checkpoint; a finished stage without a checkpoint is a ValueError naming the folder. Ctrl-C
 leaves the running stage's last checkpoint, from which a rerun resumes it. Before anything
@@ -63,7 +64,11 @@ def run(config, workdir: str) -> dict:
       params = None  # restored from its checkpoint when the next stage needs it
       continue
     if params is None:
-      params = _params_of(config, cfg, workdir, STAGES[i - 1]) if i else None
+      trained = [s for s in STAGES[:i] if s == "base" or getattr(p, f"{s}_steps") > 0]
+      params = _params_of(config, cfg, workdir, trained[-1]) if i else None
+    if stage != "base" and getattr(p, f"{stage}_steps") == 0:
+      print(f"[all] {stage}: pipeline.{stage}_steps=0, left out (params pass through)")
+      continue
     t0 = time.perf_counter()
     params, extra = _train(stage, config, sdir, params, p)
     # One placement for every stage's params (training leaves them mesh-sharded): the
@@ -158,7 +163,7 @@ def _stage_config(config, steps, lr):
     c.train.steps = int(steps)
     c.optimizer.total_steps = int(steps)
     c.optimizer.learning_rate = float(lr)
-    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, max(1, int(steps) // 4))
+    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, int(steps) // 4)
     c.train.checkpoint_every = min(c.train.checkpoint_every, int(steps))
   return c
 

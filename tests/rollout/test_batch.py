@@ -7,7 +7,7 @@ from katjax.data.bpe import train_bpe
 from katjax.envs.base import make_env
 from katjax.rollout import agent
 from katjax.rollout.agent import AgentLimits
-from katjax.rollout.batch import episode_keys, run_episodes
+from katjax.rollout.batch import run_episodes
 from katjax.rollout.sampler import Completion, SamplingParams
 
 
@@ -20,6 +20,7 @@ class ScriptedBackend:
     self.by_question = {lookup.question(t): t for t in tasks}
 
   def generate(self, prompts, params, *, keys=None, cancelled=None, seed=0, n=1):
+    assert keys is None or len(keys) == len(prompts)
     self.calls.append(len(prompts))
     out = []
     for p in prompts:
@@ -66,11 +67,3 @@ def test_batched_records_equal_the_sequential_agent_loop():
     else:
       assert got.reward == 1.0 and got.finish_reason == "submitted"
       assert got.parallel_turns == (1 if task["level"] in (2, 4) else 0)
-
-
-def test_episode_keys_depend_on_episode_and_turn_only():
-  a = episode_keys(3, [0, 1, 2], 1)
-  np.testing.assert_array_equal(episode_keys(3, [2], 1)[0], a[2])
-  assert len({tuple(k) for k in a}) == 3
-  assert not np.array_equal(episode_keys(3, [0], 2)[0], a[0])
-  assert not np.array_equal(episode_keys(4, [0], 1)[0], a[0])

@@ -61,3 +61,24 @@ def test_eval_is_deterministic_for_a_seed(tiny_policy):
   greedy = ml_collections.ConfigDict(dict(seed=0, temperature=0.0, samples=5))
   g = evaluate(sampler, tok, tasks, greedy, rl)
   assert g["k"] == 1 and g == evaluate(sampler, tok, tasks, greedy, rl)
+
+
+def test_batched_episodes_equal_sequential_ones_with_sampling(tiny_policy):
+  """Lock-step batching changes nothing: same seeds, same tokens as one at a time."""
+  from katjax.data import lookup
+  from katjax.envs.base import make_env
+  from katjax.rollout.agent import AgentLimits, run_episode
+  from katjax.rollout.batch import episode_seed, run_episodes
+  from katjax.rollout.sampler import SamplingParams
+  import numpy as np
+  sampler, tok = tiny_policy
+  tasks = lookup.generate_tasks(3, "heldout", seed=1)
+  sp, limits = SamplingParams(temperature=1.0, max_new_tokens=16), AgentLimits(
+      max_turns=2, max_tokens=320, max_new_tokens=16)
+  batched = run_episodes(sampler, tok, [make_env("lookup") for _ in tasks], tasks, sp,
+                         limits, seed=7)
+  for i, (task, got) in enumerate(zip(tasks, batched)):
+    want = run_episode(sampler, tok, make_env("lookup"), task, sp, limits,
+                       seed=episode_seed(7, i))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
