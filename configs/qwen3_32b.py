@@ -5,24 +5,20 @@ FSDP over 32 chips x tensor 8 (a v5p-512-class slice); bf16 compute, remat, bloc
 attention for 32k-token packed rows; micro-batches keep activations in HBM.
 """
 
-import ml_collections
+from katjax.train.config import base_config
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  steps = ml_collections.FieldReference(2000)
-  c.model = dict(vocab_size=151936, d_model=5120, n_layers=64, n_heads=64, n_kv_heads=8,
+  c = base_config()
+  c.model.update(vocab_size=151936, d_model=5120, n_layers=64, n_heads=64, n_kv_heads=8,
                  head_dim=128, ffn_dim=25600, norm_eps=1e-6, rope_theta=1000000.0,
                  qk_norm=True, tie_embeddings=False, dtype="bfloat16", remat=True,
                  attention_impl="blockwise", attention_block=1024, family="qwen3")
   c.tokenizer = "tokenizer.json"  # Qwen3's tokenizer.json (path on the training hosts)
   c.init_from = ""  # the Qwen3-32B Hugging Face folder on the training hosts ("" = random)
-  c.data = dict(train_file="", eval_file="", seq_len=32768, batch_size=256, seed=0,
-                on_error="skip")
-  c.optimizer = dict(learning_rate=1e-5, warmup_steps=100, total_steps=steps,
-                     end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                     clip_norm=1.0)
-  c.train = dict(steps=steps, micro_batches=4, seed=0, log_every=10, eval_every=250,
-                 eval_batches=8, checkpoint_every=250, keep=3, async_checkpoint=True)
-  c.mesh = dict(data=1, fsdp=32, tensor=8)
+  c.data.update(seq_len=32768, batch_size=256)
+  c.optimizer.update(learning_rate=1e-5, warmup_steps=100, weight_decay=0.1)
+  c.train.update(steps=2000, micro_batches=4, log_every=10, eval_every=250, eval_batches=8,
+                 checkpoint_every=250, keep=3)
+  c.mesh.update(data=1, fsdp=32, tensor=8)
   return c

@@ -15,6 +15,6 @@ import rl_tiny  # noqa: E402
 
 def get_config():
   c = rl_tiny.get_config()
-  c.rl.rft = dict(metric="lcs", outcome_weight=0.5, monitor=True, patience=2,
+  c.rl.rft.update(metric="lcs", outcome_weight=0.5, monitor=True, patience=2,
                   schema_patience=1, min_similarity=0.2, teacher_branch=True)
   return c

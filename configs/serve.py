@@ -2,6 +2,8 @@
 
     python -m katjax.launch --stage=serve --config=configs/serve.py \
         --config.serve.checkpoint=/tmp/smollm2-hf --config.serve.port=8000
+
+The serve.* fields and their defaults are declared in katjax/train/config.py (ServeConfig).
 """
 
 import os
@@ -13,6 +15,5 @@ import tiny  # noqa: E402
 
 def get_config():
   c = tiny.get_config()
-  c.serve = dict(checkpoint="", host="127.0.0.1", port=8000, model_name="katjax",
-                 max_len=2048, max_batch=16, max_queue=64, chunk=32, duration_s=0.0, seed=0)
+  c.serve.update(checkpoint="", host="127.0.0.1", port=8000)
   return c

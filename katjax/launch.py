@@ -1,8 +1,10 @@
 """Launcher: `python -m katjax.launch --stage=NAME --config=configs/X.py --workdir=DIR`.
 
 Dispatches to `katjax.stages.NAME.run(config, workdir)`. `--config` is an ml_collections
-config file (`--config.train.steps=10` overrides a field; a misspelt field is an error that
-names it). With no flags it runs the demo: SFT of the tiny config on the embedded data in a
+config file built on `katjax.train.config.base_config()` (`--config.train.steps=10`
+overrides a field; a misspelt or mistyped field is an error that names it).
+`--config.init_from=DIR` starts a stage from a previous stage's workdir or a Hugging Face
+folder; `--stage=export --config.init_from=WORKDIR --config.export.path=DIR` writes one. With no flags it runs the demo: SFT of the tiny config on the embedded data in a
 fresh temporary workdir.
 """
 
@@ -39,6 +41,11 @@ def main(argv):
     raise app.UsageError(f"unknown --stage={stage!r} (no module katjax.stages.{stage})") from e
   if not hasattr(module, "run"):
     raise app.UsageError(f"katjax.stages.{stage} has no run(config, workdir)")
+  from katjax.train.config import parse
+  try:
+    parse(_CONFIG.value)  # the one validation: every field known and of its declared type
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix=f"katjax_{stage}_")
   os.makedirs(workdir, exist_ok=True)
   print(f"katjax.launch: stage={stage} config={flags.FLAGS['config'].config_filename} "

@@ -64,8 +64,9 @@ def to_hf(cfg: ModelConfig, params, path, dtype: str = "float32",
           max_shard_bytes: int = 5 * 2**30, tokenizer=None) -> str:
   """Write params as a HF folder (config.json, safetensors, index when sharded); returns path.
 
-  Arrays are gathered to the host one tensor at a time. `tokenizer` (a `Tokenizer`) is saved
-  as tokenizer.json beside the weights.
+  Arrays are gathered to the host one tensor at a time. `tokenizer` (a `Tokenizer`, or a
+  `ByteTokenizer`, written as the equivalent byte-level tokenizer.json) is saved beside the
+  weights.
   """
   path = os.fspath(path)
   if dtype not in _ST_DTYPE:
@@ -100,8 +101,42 @@ def to_hf(cfg: ModelConfig, params, path, dtype: str = "float32",
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
   _write_json(os.path.join(path, "config.json"), hf_cfg)
   if tokenizer is not None:
-    tokenizer.hf.save(os.path.join(path, "tokenizer.json"))
+    hf_tok = tokenizer.hf if hasattr(tokenizer, "hf") else byte_tokenizer_json(tokenizer)
+    hf_tok.save(os.path.join(path, "tokenizer.json"))
   return path
+
+
+def byte_tokenizer_json(tokenizer):
+  """A `tokenizers.Tokenizer` that encodes and decodes exactly as the `ByteTokenizer`.
+
+  Byte-level BPE with no merges: GPT-2's printable stand-in for byte b has id b, then the
+  chat specials as added tokens in the ByteTokenizer's order (ids 256...). So an exported
+  byte-level model runs under any engine that reads tokenizer.json.
+  """
+  import tokenizers
+  from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+  specials = sorted(tokenizer.special_ids, key=tokenizer.special_ids.get)
+  if [tokenizer.special_ids[t] for t in specials] != list(range(256, 256 + len(specials))):
+    raise ValueError("byte_tokenizer_json: the special ids must follow the 256 bytes")
+  chars = _bytes_to_unicode()
+  out = tokenizers.Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+  out.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  out.decoder = decoders.ByteLevel()
+  out.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+  return out
+
+
+def _bytes_to_unicode() -> dict:
+  # GPT-2's table: printable bytes stand for themselves, the rest map to 256 + n.
+  keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+  table, n = {b: chr(b) for b in keep}, 0
+  for b in range(256):
+    if b not in table:
+      table[b] = chr(256 + n)
+      n += 1
+  return table
 
 
 def config_from_hf(hf: dict) -> ModelConfig:

@@ -38,7 +38,7 @@ from katjax.data.bpe import train_and_save
 from katjax.envs.base import make_env
 from katjax.stages import eval as eval_stage
 from katjax.stages import figure
-from katjax.train.loop import model_config
+from katjax.train.config import parse
 
 STAGES = ("base", "mid", "sft", "rft", "rl")
 __all__ = ["STAGES", "run", "prepare"]
@@ -52,8 +52,8 @@ def run(config, workdir: str) -> dict:
   tokenizer = _tokenizer(paths["tokenizer"])
   held = eval_stage.heldout_tasks(config)  # checks against the RL / RFT tasks
   lookup.check_disjoint(held, _sft_tasks(config), what="eval (vs SFT data)")
-  cfg = model_config(config)
-  results, params, sampler = [], None, None
+  cfg = parse(config).model
+  results, sampler = [], None
   for i, stage in enumerate(STAGES):
     sdir = os.path.join(workdir, stage)
     done = os.path.join(sdir, "eval.json")
@@ -61,16 +61,14 @@ def run(config, workdir: str) -> dict:
       with open(done) as f:
         results.append(json.load(f))
       print(f"[all] {stage}: finished in an earlier run, skipped ({done})")
-      params = None  # restored from its checkpoint when the next stage needs it
       continue
-    if params is None:
-      trained = [s for s in STAGES[:i] if s == "base" or getattr(p, f"{s}_steps") > 0]
-      params = _params_of(config, cfg, workdir, trained[-1]) if i else None
     if stage != "base" and getattr(p, f"{stage}_steps") == 0:
       print(f"[all] {stage}: pipeline.{stage}_steps=0, left out (params pass through)")
       continue
+    trained = [s for s in STAGES[:i] if s == "base" or getattr(p, f"{s}_steps") > 0]
+    prev = _finished_workdir(workdir, trained[-1]) if i else None
     t0 = time.perf_counter()
-    params, extra = _train(stage, config, sdir, params, p)
+    params, extra = _train(stage, config, sdir, prev, p)
     # One placement for every stage's params (training leaves them mesh-sharded): the
     # shared sampler's compiled programs then serve all five evaluations.
     params = jax.device_put(jax.device_get(params), jax.devices()[0])
@@ -128,31 +126,34 @@ def prepare(config, workdir: str) -> dict:
 # --- stages -----------------------------------------------------------------------------------
 
 
-def _train(stage, config, sdir, params, p):
-  """Trains one stage from `params`; returns (params, extra metrics for eval.json)."""
+def _train(stage, config, sdir, prev, p):
+  """Trains one stage from the previous stage's workdir `prev` (config.init_from; mid
+  starts from the seeded random init that base was evaluated with); returns (params,
+  extra metrics for eval.json)."""
+  from katjax.stages.common import make_tokenizer
   from katjax.train.loop import train_lm
-  tok = _tokenizer(config.tokenizer)
-  seq = config.data.seq_len
   if stage == "base":
-    return kmodel.init(model_config(config), jax.random.PRNGKey(config.train.seed)), {}
+    return _base_params(config), {}
+  c = _stage_config(config, getattr(p, f"{stage}_steps"), getattr(p, f"{stage}_lr"))
+  with c.unlocked():
+    c.init_from = prev or ""
+  tok = make_tokenizer(c, sdir)  # checked against the vocabulary, copied into sdir
   if stage in ("mid", "sft"):
-    c = _stage_config(config, getattr(p, f"{stage}_steps"), getattr(p, f"{stage}_lr"))
     path = os.path.join(os.path.dirname(sdir), "data", f"{stage}.jsonl")
-    data = (load_mid if stage == "mid" else load_sft)(path, tok, seq,
-                                                      on_error=config.data.on_error)
+    data = (load_mid if stage == "mid" else load_sft)(path, tok, c.data.seq_len,
+                                                      on_error=c.data.on_error)
     print(f"[all] {stage}: {data.stats.sequences} sequences, {data.stats.loss_tokens} loss "
           f"tokens, {c.train.steps} steps")
-    summary = train_lm(c, sdir, data, None, params=params)
+    summary = train_lm(c, sdir, data, None, tokenizer=tok)
     return summary["state"].params, {"train_loss": summary["losses"]}
   from katjax.stages import rl as rl_stage
-  c = _stage_config(config, getattr(p, f"{stage}_steps"), getattr(p, f"{stage}_lr"))
   rft = None
   if stage == "rft":
     from katjax.stages.rft import RftRewards
     rft = RftRewards(tok, c.rl.env, c.rl.rft)
   print(f"[all] {stage}: {c.train.steps} steps of {c.rl.tasks_per_step} tasks x "
         f"{c.rl.group_size} rollouts")
-  summary = rl_stage.train_rl(c, sdir, rft=rft, params=params)
+  summary = rl_stage.train_rl(c, sdir, rft=rft)
   curve = {str(k): v for k, v in sorted(summary["reward_mean"].items())}
   return summary["state"].params, {"reward_curve": curve}
 
@@ -168,34 +169,24 @@ def _stage_config(config, steps, lr):
   return c
 
 
-def _params_of(config, cfg, workdir, stage):
-  """Params of a finished stage: its latest checkpoint (base: the seeded random init)."""
+def _base_params(config):
+  """The random init of the base model: the one a stage with empty init_from starts from
+  (katjax.train.trainer.Trainer.setup's key for the same train.seed)."""
+  init_key, _ = jax.random.split(jax.random.PRNGKey(config.train.seed))
+  return kmodel.init(parse(config).model, init_key)
+
+
+def _finished_workdir(workdir, stage):
+  """The workdir the next stage initialises from (None for base: the random init); a
+  ValueError when the stage finished but its checkpoint is gone."""
   if stage == "base":
-    return kmodel.init(cfg, jax.random.PRNGKey(config.train.seed))
+    return None
+  from katjax.train.init_from import latest_step
   sdir = os.path.join(workdir, stage)
-  ckpt = os.path.join(sdir, "checkpoints")
-  if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
+  if latest_step(sdir) is None:
     raise ValueError(f"stage {stage!r} is marked finished ({sdir}/eval.json) but has no "
-                     f"checkpoint in {ckpt}: delete {sdir} to rerun it")
-  return _restore_params(cfg, sdir)
-
-
-def _restore_params(cfg, workdir):
-  # Only the params of the latest complete checkpoint (optimizer state left behind).
-  import orbax.checkpoint as ocp
-  from katjax.train.checkpoint import Checkpointer
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
-  step = ckpt.latest_step()
-  ckpt.close()
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
-                        kmodel.param_shapes(cfg))
-  state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
-  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-      item={"params": target}, restore_args={
-          "params": ocp.checkpoint_utils.construct_restore_args(target)},
-      partial_restore=True))
-  return restored["params"]
+                     f"checkpoint in {sdir}/checkpoints: delete {sdir} to rerun it")
+  return sdir
 
 
 def _sft_tasks(config):

@@ -1,4 +1,4 @@
-"""Glue shared by the mid-training and SFT stages: tokenizer, data files, summary print."""
+"""Glue shared by the stages: the checked tokenizer, data files, the LM stages' summary."""
 
 from __future__ import annotations
 
@@ -9,22 +9,22 @@ from absl import logging
 from katjax.data import write_default_data
 
 
-def make_tokenizer(config):
-  """`config.tokenizer`: "byte" -> ByteTokenizer, else a path to a tokenizer.json (e.g. the
-  one beside the weights of `config.init_from`)."""
-  from katjax.model.tokenizer import ByteTokenizer, Tokenizer
-  name = config.tokenizer
-  if name == "byte":
-    return ByteTokenizer()
-  if not os.path.exists(name):
-    raise ValueError(f"config.tokenizer: {name!r} is neither 'byte' nor an existing "
-                     f"tokenizer.json path")
-  return Tokenizer.from_file(name)
+def make_tokenizer(config, workdir: str | None = None):
+  """The run's tokenizer (`config.tokenizer`: "byte", a tokenizer.json path, or "" = the one
+  of `config.init_from`), checked against the model's vocabulary and recorded in `workdir`."""
+  from katjax.model.hf import check_vocab
+  from katjax.train.config import parse
+  from katjax.train.init_from import make_tokenizer as resolve
+  run = parse(config)
+  tok = resolve(run, workdir)
+  # A tokenizer with ids past the embedding would train on clamped garbage: fail up front.
+  check_vocab(tok, run.model)
+  return tok
 
 
 def data_files(config, workdir: str, stage: str) -> tuple[str, str]:
   """(train, eval) JSONL paths; empty config entries use the embedded synthetic data."""
-  train, evals = config.data.train_file, config.data.eval_file
+  train, evals = config.data.train_file, config.data.eval_file  # ConfigDict or RunConfig
   if not train or not evals:
     paths = write_default_data(os.path.join(workdir, "data"))
     train = train or paths[f"{stage}_train"]
@@ -52,16 +52,15 @@ def report(stage: str, data, summary: dict) -> None:
 
 def run_lm_stage(config, workdir: str, stage: str, load) -> dict:
   """Shared body of the LM stages: tokenizer, data files, `load` (load_mid / load_sft), train."""
-  from katjax.model.hf import check_vocab
-  from katjax.train.loop import model_config, train_lm  # stages are glue: import lazily
+  from katjax.train.config import parse
+  from katjax.train.loop import train_lm  # stages are glue: import lazily
 
-  tok = make_tokenizer(config)
-  # A tokenizer with ids past the embedding would train on clamped garbage: fail up front.
-  check_vocab(tok, model_config(config))
-  train_path, eval_path = data_files(config, workdir, stage)
-  seq_len, on_error = config.data.seq_len, config.data.on_error
+  run = parse(config)
+  tok = make_tokenizer(config, workdir)
+  train_path, eval_path = data_files(run, workdir, stage)
+  seq_len, on_error = run.data.seq_len, run.data.on_error
   train = load(train_path, tok, seq_len, on_error=on_error)
   evals = load(eval_path, tok, seq_len, on_error=on_error)
-  summary = train_lm(config, workdir, train, evals)
+  summary = train_lm(config, workdir, train, evals, tokenizer=tok)
   report(stage, train, summary)
   return summary

@@ -128,14 +128,14 @@ def run(config, workdir: str) -> dict:
   from katjax import model as kmodel
   from katjax.rollout.sampler import Sampler
   from katjax.stages.common import make_tokenizer
+  from katjax.train.config import parse
   from katjax.train.init_from import load_params
-  from katjax.train.loop import model_config
   t0 = time.perf_counter()
   tasks = heldout_tasks(config)
-  cfg = model_config(config)
-  tokenizer = make_tokenizer(config)
+  cfg = parse(config).model
+  tokenizer = make_tokenizer(config, workdir)
   params = (load_params(cfg, config.init_from, None) if config.init_from
-            else kmodel.init(cfg, jax.random.PRNGKey(config.train.seed)))
+            else kmodel.init(cfg, jax.random.split(jax.random.PRNGKey(config.train.seed))[0]))
   sampler = Sampler(cfg, params, max_len=config.rl.max_tokens, tokenizer=tokenizer,
                     max_batch=256)
   metrics = evaluate(sampler, tokenizer, tasks, config.eval, config.rl)

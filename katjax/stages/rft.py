@@ -26,12 +26,12 @@ from katjax.envs.base import make_env
 from katjax.rollout.deviation import DeviationConfig, DeviationMonitor
 from katjax.stages import rl as rl_stage
 from katjax.stages.common import make_tokenizer
+from katjax.train.config import RFTConfig, parse, section
 
 
 def run(config, workdir: str) -> dict:
-  if "rft" not in config.rl:
-    raise ValueError("--stage=rft needs a config.rl.rft section (see configs/rft_tiny.py)")
-  rewards = RftRewards(make_tokenizer(config), config.rl.env, config.rl.rft)
+  rl = parse(config).rl
+  rewards = RftRewards(make_tokenizer(config, workdir), rl.env, rl.rft)
   summary = rl_stage.train_rl(config, workdir, rft=rewards)
   r = summary["reward_mean"]
   print(f"rft: steps {summary['start_step']}->{summary['steps']}, mean reward first/last "
@@ -50,17 +50,18 @@ def arithmetic_teacher(task: dict) -> list[dict]:
 class RftRewards:
   """Ground-truth side of RFT for one environment: monitors, rewards, teacher branches."""
 
-  def __init__(self, tokenizer, env_name: str, rft_cfg):
+  def __init__(self, tokenizer, env_name: str, rft_cfg: RFTConfig):
+    rft_cfg = section(RFTConfig, rft_cfg, "config.rl.rft")  # also accepts a dict
     self.tokenizer, self.env_name = tokenizer, env_name
     self.metric = rft_cfg.metric
     self.reward_cfg = RelativeRewardConfig(mode="max_similarity",
-                                           outcome_weight=float(rft_cfg.outcome_weight))
+                                           outcome_weight=rft_cfg.outcome_weight)
     self.monitor_cfg = (DeviationConfig(patience=rft_cfg.patience,
                                         schema_patience=rft_cfg.schema_patience,
                                         min_similarity=rft_cfg.min_similarity,
                                         metric=rft_cfg.metric)
                         if rft_cfg.monitor else None)
-    self.teacher_branch = bool(rft_cfg.teacher_branch)
+    self.teacher_branch = rft_cfg.teacher_branch
     self._truths = {}
 
   def _truth(self, task: dict):

@@ -6,7 +6,8 @@ rollouts of each with the in-process `Sampler` holding the current weights and t
 loop, turn the environment's rewards into GRPO advantages per group, merge each group into a
 prefix tree, prune the step's forest to the batch (`rl.num_rows` x `rl.row_tokens`) by
 entropy, take one tree-loss train step, and hand the new weights to the sampler (no
-recompilation). Rollout and training alternate in one process: this is the on-policy
+recompilation). The setup (mesh, state, init_from, checkpoints, logs, cadence) is the
+shared `katjax.train.trainer.Trainer`, as for mid-training and SFT. Rollout and training alternate in one process: this is the on-policy
 schedule. SeamlessFlow's decoupled trajectory / rollout managers and tag scheduler
 (DESIGN.md section 6) are not built yet; `bubble` (the share of wall time the trainer
 waits for rollouts) is logged so that schedule has a baseline to beat.
@@ -15,27 +16,22 @@ waits for rollouts) is logged so that schedule has a baseline to beat.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import grain
 import jax
 import numpy as np
 
-from katjax import model as kmodel
 from katjax.core.advantages import grpo_advantages
-from katjax.core.losses import PolicyLossConfig
 from katjax.core.prune import PruneConfig, prune_batch
 from katjax.envs.base import load_tasks, make_env
-from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params
+from katjax.parallel import make_mesh, replicated
 from katjax.rollout.agent import AgentLimits
 from katjax.rollout.batch import run_episodes
 from katjax.rollout.sampler import Sampler, SamplingParams
 from katjax.stages.common import make_tokenizer
-from katjax.train.checkpoint import Checkpointer
-from katjax.train.loop import model_config
-from katjax.train.metrics import MetricsLogger
-from katjax.train.state import TrainState, make_optimizer
+from katjax.train.config import RLConfig, parse
+from katjax.train.trainer import Trainer
 from katjax.train.tree_step import make_tree_step
 
 
@@ -48,7 +44,7 @@ def run(config, workdir: str) -> dict:
   return summary
 
 
-def load_rl_tasks(rl) -> list[dict]:
+def load_rl_tasks(rl: RLConfig) -> list[dict]:
   """`rl.tasks_file` (JSONL) or, when empty, `rl.num_tasks` generated tasks (arithmetic, or
   the training split of lookup, each with its optimal episode as RFT's `teacher`)."""
   if rl.tasks_file:
@@ -64,8 +60,12 @@ def load_rl_tasks(rl) -> list[dict]:
   return generate_tasks(rl.num_tasks, seed=rl.task_seed)
 
 
-def collect_groups(sampler, tokenizer, tasks, rl, *, step: int, rft=None) -> tuple[list, dict]:
+def collect_groups(sampler, tokenizer, tasks, rl: RLConfig, *, step: int,
+                   rft=None) -> tuple[list, dict]:
   """Rollouts of every task -> (groups of core.tree.Trajectory with advantages, stats).
+
+  The whole of rollout collection: the loop in `train_rl` only prunes, steps and logs what
+  this returns (so batching the episodes of a step is a change here alone).
 
   rft: None (the environment's reward) or a `katjax.stages.rft.RftRewards`: a deviation
   monitor per rollout, rewards relative to the task's ground truth, and the teacher
@@ -118,59 +118,39 @@ def collect_groups(sampler, tokenizer, tasks, rl, *, step: int, rft=None) -> tup
   return groups, stats
 
 
-def train_rl(config, workdir: str, *, verbose: bool = True, rft=None, params=None) -> dict:
+def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   """Run (or resume) the RL loop; returns {start_step, steps, reward_mean, loss, state}.
 
-  rft: see `collect_groups` (the RFT stage passes its ground-truth rewards).
-  params: the step-0 weights (e.g. the previous stage's, from --stage=all); None = random.
+  Step-0 weights: config.init_from (a previous stage's workdir or a HF folder) or random;
+  a workdir with its own checkpoint resumes from it. rft: see `collect_groups` (the RFT
+  stage passes its ground-truth rewards).
   """
-  cfg, rl, tc = model_config(config), config.rl, config.train
-  tokenizer = make_tokenizer(config)
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if rl.num_rows % shards:
-    raise ValueError(f"rl.num_rows={rl.num_rows} cannot be split over the {shards} data x "
-                     f"fsdp devices of mesh {dict(mesh.shape)}")
-  if rl.max_tokens > rl.row_tokens:
-    raise ValueError(f"rl.max_tokens={rl.max_tokens} > rl.row_tokens={rl.row_tokens}: a "
-                     f"whole trajectory must fit one row of the tree batch")
+  run = parse(config)
+  rl, tc = run.rl, run.train
+  tokenizer = make_tokenizer(config, workdir)
+  _check_batch(rl, make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor))
   tasks = load_rl_tasks(rl)
   if len(tasks) < rl.tasks_per_step:
     raise ValueError(f"{len(tasks)} tasks, fewer than rl.tasks_per_step={rl.tasks_per_step}")
-  optimizer = make_optimizer(config.optimizer)
-  init_key, state_key = jax.random.split(jax.random.PRNGKey(tc.seed))
-  if params is None:
-    params = kmodel.init(cfg, init_key)
-  params = shard_params(params, kmodel.logical_axes(cfg), mesh)
-  state = jax.jit(lambda p, k: TrainState.create(p, optimizer, k))(
-      params, jax.device_put(state_key, replicated(mesh)))
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  batch_sh = batch_sharding(mesh, 2)
-  loss_cfg = PolicyLossConfig(**dict(rl.loss), norm=rl.norm)
-  step_fn = make_tree_step(cfg, loss_cfg, optimizer, state_shardings=state_sh,
-                           batch_sharding=batch_sh, out_sharding=replicated(mesh))
-  prune_cfg = PruneConfig(selector=rl.prune_selector, norm=rl.norm, seed=tc.seed)
-
   # Enough epochs for every step (finite: grain's iterator needs an index-sized length).
   epochs = -(-tc.steps * rl.tasks_per_step // len(tasks)) + 1
   ds = grain.MapDataset.source(tasks).shuffle(seed=rl.task_seed).repeat(epochs)
   it = iter(ds.batch(rl.tasks_per_step, batch_fn=list).to_iter_dataset())
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep,
-                      async_save=tc.async_checkpoint)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state, it)
-    start = int(state.step)
-  sampler = Sampler(cfg, state.params, max_len=rl.max_tokens, tokenizer=tokenizer)
-  log = MetricsLogger(os.path.join(workdir, "logs"), tc.steps, start, enabled=verbose)
-  summary = {"start_step": start, "reward_mean": {}, "loss": {}, "workdir": workdir}
-  for step in range(start, tc.steps):
+  tr = Trainer.setup(config, workdir, it, tokenizer, verbose=verbose)
+  loss_cfg = rl.policy_loss()  # rl.norm, once: the tree weights, the loss and pruning
+  prune_cfg = PruneConfig(selector=rl.prune_selector, norm=loss_cfg.norm, seed=tc.seed)
+  step_fn = make_tree_step(tr.cfg, loss_cfg, tr.optimizer, state_shardings=tr.state_shardings,
+                           batch_sharding=tr.batch_sharding, out_sharding=replicated(tr.mesh))
+  state = tr.state
+  sampler = Sampler(tr.cfg, state.params, max_len=rl.max_tokens, tokenizer=tokenizer)
+  summary = {"start_step": tr.start, "reward_mean": {}, "loss": {}, "workdir": workdir}
+  for step in range(tr.start, tc.steps):
     t0 = time.perf_counter()
     groups, stats = collect_groups(sampler, tokenizer, next(it), rl, step=step, rft=rft)
     t1 = time.perf_counter()
-    batch, info = prune_batch(groups, rl.num_rows, rl.row_tokens, prune_cfg, norm=rl.norm)
-    arrays = jax.device_put(batch.arrays(), batch_sh)
-    state, metrics = step_fn(state, arrays)
+    batch, info = prune_batch(groups, rl.num_rows, rl.row_tokens, prune_cfg,
+                              norm=prune_cfg.norm)
+    state, metrics = step_fn(state, jax.device_put(batch.arrays(), tr.batch_sharding))
     sampler.update_weights(state.params)
     metrics = jax.device_get(metrics)
     t2 = time.perf_counter()
@@ -181,12 +161,20 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None, params=Non
                    rollout_s=t1 - t0, train_s=t2 - t1, bubble=(t1 - t0) / (t2 - t0))
     summary["reward_mean"][done] = stats["reward_mean"]
     summary["loss"][done] = float(metrics["loss"])
-    if done % tc.log_every == 0 or done == tc.steps:
-      log.write(done, metrics)
-    log.advance(1)
-    if done % tc.checkpoint_every == 0 or done == tc.steps:
-      ckpt.save(done, state, it, config.to_dict(), force=done == tc.steps)
-  ckpt.close()
-  log.close()
+    if tr.is_log_step(done):
+      tr.log.write(done, metrics)
+    tr.end_step(done, state, it)
+  tr.close()
   summary.update(steps=tc.steps, state=state)
   return summary
+
+
+def _check_batch(rl: RLConfig, mesh) -> None:
+  """Fail early, naming the fields, on a tree batch the mesh or a trajectory cannot fit."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rl.num_rows % shards:
+    raise ValueError(f"rl.num_rows={rl.num_rows} cannot be split over the {shards} data x "
+                     f"fsdp devices of mesh {dict(mesh.shape)}")
+  if rl.max_tokens > rl.row_tokens:
+    raise ValueError(f"rl.max_tokens={rl.max_tokens} > rl.row_tokens={rl.row_tokens}: a "
+                     f"whole trajectory must fit one row of the tree batch")

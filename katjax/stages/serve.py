@@ -4,24 +4,21 @@
         --config.serve.checkpoint=/path/to/hf_folder --config.serve.port=8000
 
 `config.serve.checkpoint`: a Hugging Face folder (config.json + safetensors, read by
-`katjax.model.from_hf`), a `.gguf` file, or "" for random weights of `config.model` (smoke
-tests). Binds to 127.0.0.1 unless `config.serve.host` says otherwise.
-`config.serve.duration_s > 0` stops the server after that many seconds (tests, demos).
+`katjax.model.from_hf`), a `.gguf` file, a training stage's workdir (its latest checkpoint),
+or "" for `config.init_from` (any of those) or, when that is empty too, random weights of
+`config.model` (smoke tests). Binds to 127.0.0.1 unless `config.serve.host` says otherwise.
+`config.serve.duration_s > 0` stops the server after that many seconds (tests, demos). The
+serve.* fields and their defaults are declared once, in katjax/train/config.py.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
-import ml_collections
 
-from katjax.model.config import ModelConfig
 from katjax.stages.common import make_tokenizer
-
-DEFAULTS = dict(checkpoint="", host="127.0.0.1", port=8000, model_name="katjax",
-                max_len=2048, max_batch=16, max_queue=64, chunk=32, duration_s=0.0, seed=0)
+from katjax.train.config import parse
 
 
 def run(config, workdir: str) -> dict:
@@ -29,27 +26,24 @@ def run(config, workdir: str) -> dict:
   from katjax.rollout.sampler import Sampler
   from katjax.rollout.server import serve
 
-  opts = dict(DEFAULTS)
-  opts.update(dict(config.get("serve", ml_collections.ConfigDict())))
-  unknown = sorted(set(opts) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"config.serve: unknown fields {unknown}; known: {sorted(DEFAULTS)}")
-  cfg, params, tokenizer = _load(config, opts)
+  run_cfg = parse(config)
+  opts = run_cfg.serve
+  cfg, params, tokenizer = _load(config, run_cfg)
   mesh = None
-  if "mesh" in config and jax.device_count() > 1:
+  if jax.device_count() > 1:
     from katjax.parallel import make_mesh
-    mesh = make_mesh(**dict(config.mesh))
-  sampler = Sampler(cfg, params, max_len=opts["max_len"], tokenizer=tokenizer, mesh=mesh,
-                    max_batch=opts["max_batch"], chunk=opts["chunk"])
-  server = serve(sampler, tokenizer, host=opts["host"], port=opts["port"],
-                 model_name=opts["model_name"], max_batch=opts["max_batch"],
-                 max_queue=opts["max_queue"])
-  print(f"[serve] {opts['model_name']} ({cfg.num_params() / 1e6:.1f}M params) at "
+    mesh = make_mesh(run_cfg.mesh.data, run_cfg.mesh.fsdp, run_cfg.mesh.tensor)
+  sampler = Sampler(cfg, params, max_len=opts.max_len, tokenizer=tokenizer, mesh=mesh,
+                    max_batch=opts.max_batch, chunk=opts.chunk)
+  server = serve(sampler, tokenizer, host=opts.host, port=opts.port,
+                 model_name=opts.model_name, max_batch=opts.max_batch,
+                 max_queue=opts.max_queue)
+  print(f"[serve] {opts.model_name} ({cfg.num_params() / 1e6:.1f}M params) at "
         f"{server.url}/v1 (POST /chat/completions, /completions; GET /models, /health)",
         flush=True)
   try:
-    if opts["duration_s"] > 0:
-      time.sleep(opts["duration_s"])
+    if opts.duration_s > 0:
+      time.sleep(opts.duration_s)
     else:
       while True:
         time.sleep(3600)
@@ -62,21 +56,32 @@ def run(config, workdir: str) -> dict:
   return {"url": server.url, "stats": stats}
 
 
-def _load(config, opts):
-  ckpt = opts["checkpoint"]
+def _load(config, run_cfg):
+  """(cfg, params, tokenizer) of serve.checkpoint, else init_from, else random weights."""
+  ckpt = run_cfg.serve.checkpoint or run_cfg.init_from
   if not ckpt:
-    cfg = ModelConfig(**dict(config.model))
     from katjax.model import init
-    return cfg, init(cfg, jax.random.PRNGKey(opts["seed"])), make_tokenizer(config)
+    return (run_cfg.model, init(run_cfg.model, jax.random.PRNGKey(run_cfg.serve.seed)),
+            make_tokenizer(config))
   if ckpt.endswith(".gguf"):
     from katjax.model.gguf import from_gguf
     return from_gguf(ckpt)
-  if not os.path.isdir(ckpt):
-    raise ValueError(f"config.serve.checkpoint {ckpt!r} is neither a .gguf file nor a folder")
-  from katjax.model.hf import from_hf
-  from katjax.model.tokenizer import Tokenizer
-  cfg, params = from_hf(ckpt)
-  tok_file = os.path.join(ckpt, "tokenizer.json")
-  tokenizer = Tokenizer.from_file(tok_file) if os.path.isfile(tok_file) else make_tokenizer(
-      config)
-  return cfg, params, tokenizer
+  from katjax.train import init_from
+  if init_from.source_kind(ckpt) == "workdir":  # a training stage's latest checkpoint
+    cfg = init_from.source_model_config(ckpt)
+    params = init_from.restore_params(cfg, ckpt)
+  else:
+    from katjax.model.hf import from_hf
+    cfg, params = from_hf(ckpt)
+  return cfg, params, _source_tokenizer(config, ckpt)
+
+
+def _source_tokenizer(config, source: str):
+  """The tokenizer recorded by the source (workdir or HF folder), else config.tokenizer's."""
+  from katjax.model.tokenizer import ByteTokenizer, Tokenizer
+  from katjax.train.init_from import tokenizer_of
+  try:
+    name = tokenizer_of(source)
+  except ValueError:
+    return make_tokenizer(config)
+  return ByteTokenizer() if name == "byte" else Tokenizer.from_file(name)

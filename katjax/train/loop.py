@@ -1,110 +1,75 @@
 """The training loop shared by mid-training and SFT: sharded jit step, eval, checkpoints, logs.
 
-`train_lm(config, workdir, train_data, eval_data)` builds the mesh, the (possibly restored)
-train state (at step 0 random weights, or the HF folder `config.init_from`), one jitted step
-with in/out shardings, and runs `config.train.steps` steps, logging to TensorBoard +
-`metrics.jsonl` + a progress bar and saving orbax checkpoints with the grain iterator state,
-so a killed run resumed from `workdir` continues bit-for-bit.
+`train_lm(config, workdir, train_data, eval_data)` takes the shared setup of
+`katjax.train.trainer.Trainer` (mesh, the possibly restored or `init_from` state, shardings,
+checkpoints, logger, cadence), jits one step with in/out shardings and runs
+`config.train.steps` steps, logging to TensorBoard + `metrics.jsonl` + a progress bar and
+saving orbax checkpoints with the grain iterator state, so a killed run resumed from
+`workdir` continues bit-for-bit.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-from katjax import model as kmodel
 from katjax.data.pipeline import PackedData, batch_dataset, make_iterator
-from katjax.parallel import batch_sharding, make_mesh, replicated, shard_params
-from katjax.train.checkpoint import Checkpointer
-from katjax.train.init_from import init_from_path, load_params
+from katjax.parallel import make_mesh, replicated
+from katjax.train.config import parse
 from katjax.train.losses import lm_loss
-from katjax.train.metrics import MetricsLogger
-from katjax.train.state import TrainState, make_optimizer
 from katjax.train.step import train_step
-
-
-def model_config(config) -> kmodel.ModelConfig:
-  """ModelConfig from `config.model` (a ConfigDict of ModelConfig fields)."""
-  known = {f.name for f in dataclasses.fields(kmodel.ModelConfig)}
-  fields = dict(config.model.items())
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ValueError(f"config.model: unknown field(s) {unknown}")
-  return kmodel.ModelConfig(**fields)
+from katjax.train.trainer import Trainer
 
 
 def train_lm(config, workdir: str, train_data: PackedData, eval_data: PackedData | None = None,
-             *, params=None, verbose: bool = True) -> dict:
-  """Run (or resume) training; returns a summary {start_step, steps, losses, eval_loss, ...}."""
-  cfg = model_config(config)
-  tc = config.train
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  _check_batch_fits_mesh(config.data.batch_size, tc.micro_batches, mesh)
-  optimizer = make_optimizer(config.optimizer)
-  rng = jax.random.PRNGKey(tc.seed)
-  init_key, state_key = jax.random.split(rng)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep,
-                      async_save=tc.async_checkpoint)
-  resuming = ckpt.latest_step() is not None
-  if params is None and init_from_path(config) and not resuming:
-    # A resumed run restores its own params below: the HF weights are read only at step 0.
-    params = load_params(cfg, init_from_path(config), mesh)
-  if params is None:
-    params = kmodel.init(cfg, init_key)
-  params = shard_params(params, kmodel.logical_axes(cfg), mesh)
-  state = jax.jit(functools.partial(TrainState.create, optimizer=optimizer))(
-      params, rng=jax.device_put(state_key, replicated(mesh)))
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  batch_sh = batch_sharding(mesh, 2)
-  loss_fn = functools.partial(lm_loss, cfg)
-  step_fn = jax.jit(
-      functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer,
-                        micro_batches=tc.micro_batches),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
-      donate_argnums=0)
+             *, tokenizer=None, params=None, verbose: bool = True) -> dict:
+  """Run (or resume) training; returns a summary {start_step, steps, losses, eval_loss, ...}.
 
-  it = make_iterator(batch_dataset(train_data, config.data.batch_size, seed=config.data.seed))
-  start = 0
-  if resuming:
-    state, _ = ckpt.restore(state, it)
-    start = int(state.step)
-  log = MetricsLogger(os.path.join(workdir, "logs"), tc.steps, start, enabled=verbose)
-  if start:
-    log.print(f"resumed from step {start} ({ckpt.directory})")
-  eval_fn = _make_eval(loss_fn, state_sh.params, batch_sh, mesh)
-  summary = {"start_step": start, "losses": {}, "eval_loss": {}, "skipped": 0,
+  tokenizer: recorded with each checkpoint (see `Trainer.setup`); params: explicit step-0
+  params instead of config.init_from / random.
+  """
+  run = parse(config)
+  tc = run.train
+  it = make_iterator(batch_dataset(train_data, run.data.batch_size, seed=run.data.seed))
+  # Fail on a batch the mesh cannot split before any weight is read.
+  _check_batch_fits_mesh(run.data.batch_size, tc.micro_batches,
+                         make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor))
+  tr = Trainer.setup(config, workdir, it, tokenizer, params=params, verbose=verbose)
+  state, batch_sh = tr.state, tr.batch_sharding
+  loss_fn = functools.partial(lm_loss, tr.cfg)
+  step_fn = jax.jit(
+      functools.partial(train_step, loss_fn=loss_fn, optimizer=tr.optimizer,
+                        micro_batches=tc.micro_batches),
+      in_shardings=(tr.state_shardings, batch_sh),
+      out_shardings=(tr.state_shardings, replicated(tr.mesh)), donate_argnums=0)
+  eval_fn = _make_eval(loss_fn, tr.state_shardings.params, batch_sh, tr.mesh)
+  summary = {"start_step": tr.start, "losses": {}, "eval_loss": {}, "skipped": 0,
              "workdir": workdir}
-  t0, tokens, last_logged = time.perf_counter(), 0, start
-  for step in range(start, tc.steps):
+  t0, tokens = time.perf_counter(), 0
+  for step in range(tr.start, tc.steps):
     batch = _to_global(next(it), batch_sh)
     state, metrics = step_fn(state, batch)
     tokens += int(np.asarray(batch["tokens"]).size)
     done = step + 1
-    if done % tc.log_every == 0 or done == tc.steps:
+    if tr.is_log_step(done):
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - t0
       metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
       summary["losses"][done] = float(metrics["loss"])
       summary["skipped"] += int(metrics["skipped"])
-      log.write(done, metrics)
+      tr.log.write(done, metrics)
       t0, tokens = time.perf_counter(), 0
-    log.advance(done - last_logged)
-    last_logged = done
     if eval_data is not None and tc.eval_every and (done % tc.eval_every == 0
                                                     or done == tc.steps):
-      summary["eval_loss"][done] = ev = eval_fn(state.params, eval_data, config, tc.eval_batches)
-      log.write(done, {"loss": ev}, prefix="eval")
-    if done % tc.checkpoint_every == 0 or done == tc.steps:
-      ckpt.save(done, state, it, config.to_dict(), force=done == tc.steps)
-  ckpt.close()
-  log.close()
+      summary["eval_loss"][done] = ev = eval_fn(state.params, eval_data, run.data.batch_size,
+                                                tc.eval_batches)
+      tr.log.write(done, {"loss": ev}, prefix="eval")
+    tr.end_step(done, state, it)
+  tr.close()
   summary["steps"] = tc.steps
   summary["state"] = state
   return summary
@@ -128,8 +93,8 @@ def _make_eval(loss_fn, params_sh, batch_sh, mesh):
     loss_sum, denom, _ = loss_fn(params, batch, None)
     return jnp.stack([loss_sum, denom])
 
-  def run(params, data, config, max_batches):
-    ds = batch_dataset(data, config.data.batch_size, shuffle=False, repeat=False)
+  def run(params, data, batch_size, max_batches):
+    ds = batch_dataset(data, batch_size, shuffle=False, repeat=False)
     total = np.zeros(2)
     for i, batch in enumerate(ds):
       if i >= max_batches:

@@ -1,0 +1,317 @@
+"""The one run-config schema: every stage's fields, declared once with their types and defaults.
+
+A run config has two forms. Config files and `--config.x=y` overrides edit a locked
+`ml_collections.ConfigDict` built from `base_config()` (a misspelt field fails where it is
+written, naming it). Code reads the frozen, typed `RunConfig` that `parse(config)` returns:
+`parse` is the one place a config is validated (every name known, every value of its
+declared type, each section's own checks), and the launcher calls it when it loads a config.
+
+Sections (each a frozen dataclass below, or the existing one it reuses):
+
+    tokenizer   "byte", a tokenizer.json path, or "" = the tokenizer of init_from
+    init_from   "" (random init), a previous stage's workdir, or a Hugging Face folder
+    model       katjax.model.ModelConfig
+    data        DataConfig (mid / sft)
+    optimizer   katjax.train.state.OptimizerConfig (total_steps 0: train.steps)
+    train       TrainConfig (steps, cadence of logs and checkpoints)
+    mesh        MeshConfig
+    rl          RLConfig, with rl.loss (PolicyLossConfig less `norm`) and rl.rft (RFTConfig)
+    serve       ServeConfig
+    export      ExportConfig
+    eval        EvalConfig
+    pipeline    PipelineConfig (--stage=all)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+import ml_collections
+
+from katjax.core.losses import PolicyLossConfig
+from katjax.model.config import ModelConfig
+from katjax.train.state import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """JSONL files of the LM stages ("" = the embedded synthetic data) and the packing."""
+
+  train_file: str = ""
+  eval_file: str = ""
+  seq_len: int = 512
+  batch_size: int = 4
+  seed: int = 0
+  on_error: Literal["skip", "raise"] = "skip"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Steps and the one log / eval / checkpoint cadence every training stage uses."""
+
+  steps: int = 30
+  micro_batches: int = 1
+  seed: int = 0
+  log_every: int = 5
+  eval_every: int = 15  # 0: never (mid / sft)
+  eval_batches: int = 2
+  checkpoint_every: int = 15
+  keep: int = 2
+  async_checkpoint: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "micro_batches", "log_every", "checkpoint_every", "keep"):
+      if getattr(self, name) < (0 if name == "steps" else 1):
+        raise ValueError(f"config.train.{name}={getattr(self, name)} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes (-1: all remaining devices)."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """rl.loss: the policy-loss options of core.losses.PolicyLossConfig except `norm`, which
+  is rl.norm (one normalisation for the tree weights, the loss and pruning)."""
+
+  eps_low: float = 0.2
+  eps_high: float = 0.28
+  dual_clip: float | None = None
+  kl_coef: float = 0.0
+  kl_type: Literal["k1", "k3"] = "k3"
+  tis_cap: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RFTConfig:
+  """rl.rft (used by --stage=rft): reward relative to the teacher, deviation monitor."""
+
+  metric: Literal["lcs", "edit"] = "lcs"
+  outcome_weight: float = 0.5
+  monitor: bool = True
+  patience: int = 2
+  schema_patience: int = 1
+  min_similarity: float = 0.2
+  teacher_branch: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """Agentic RL (rl, rft): tasks, group rollouts, agent limits, the pruned tree batch."""
+
+  env: str = "arithmetic"
+  tasks_file: str = ""
+  num_tasks: int = 64
+  task_seed: int = 0
+  tasks_per_step: int = 2
+  group_size: int = 4
+  temperature: float = 1.0
+  top_p: float = 1.0
+  max_turns: int = 2
+  max_new_tokens: int = 48
+  max_tokens: int = 1280
+  num_rows: int = 2
+  row_tokens: int = 2048
+  norm: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+  prune_selector: str = "entropy"
+  loss: LossConfig = LossConfig()
+  rft: RFTConfig = RFTConfig()
+
+  def policy_loss(self) -> PolicyLossConfig:
+    """The core loss config, with rl.norm as its normalisation."""
+    return PolicyLossConfig(**dataclasses.asdict(self.loss), norm=self.norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+  """--stage=serve: checkpoint "" = init_from (or random weights of config.model)."""
+
+  checkpoint: str = ""
+  host: str = "127.0.0.1"
+  port: int = 8000
+  model_name: str = "katjax"
+  max_len: int = 2048
+  max_batch: int = 16
+  max_queue: int = 64
+  chunk: int = 32
+  duration_s: float = 0.0  # > 0: stop after this many seconds (tests, demos)
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """--stage=export: write init_from's params as a Hugging Face folder at `path`."""
+
+  path: str = ""
+  dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Held-out evaluation (--stage=eval)."""
+
+  num_tasks: int = 64
+  seed: int = 0
+  temperature: float = 0.0  # 0: greedy
+  samples: int = 1  # pass@k
+  tasks_file: str = ""  # JSONL of evaluation tasks; "": the generated held-out split
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """--stage=all: the BPE it trains, the LM stages' data sizes, and per stage its steps
+  (0 leaves the stage out) and peak learning rate."""
+
+  vocab_size: int = 640
+  mid_docs: int = 3000
+  sft_episodes: int = 2000
+  mid_steps: int = 40
+  mid_lr: float = 3e-3
+  sft_steps: int = 120
+  sft_lr: float = 2e-3
+  rft_steps: int = 10
+  rft_lr: float = 5e-4
+  rl_steps: int = 20
+  rl_lr: float = 5e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """The whole run: what `parse` returns and every stage reads."""
+
+  tokenizer: str = "byte"
+  init_from: str = ""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+  rl: RLConfig = RLConfig()
+  serve: ServeConfig = ServeConfig()
+  export: ExportConfig = ExportConfig()
+  eval: EvalConfig = EvalConfig()
+  pipeline: PipelineConfig = PipelineConfig()
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The locked ConfigDict of every field at its default; config files start from it.
+
+  optimizer.total_steps is 0 here, which `parse` reads as train.steps (the schedule spans
+  the run) until a config sets it.
+  """
+  c = ml_collections.ConfigDict(_as_dict(RunConfig()))
+  c.optimizer.total_steps = 0
+  c.lock()
+  return c
+
+
+def parse(config) -> RunConfig:
+  """Validate `config` (ConfigDict or dict; missing fields take their defaults) -> RunConfig.
+
+  ValueError naming the field for an unknown name, a value of the wrong type, or a value a
+  section rejects (e.g. config.model.n_heads not divisible by n_kv_heads).
+  """
+  if isinstance(config, RunConfig):
+    return config
+  run = _build(RunConfig, config, "config")
+  if run.optimizer.total_steps == 0:  # the base's "as long as the run"
+    run = dataclasses.replace(run, optimizer=dataclasses.replace(
+        run.optimizer, total_steps=run.train.steps))
+  return run
+
+
+def section(cls, values, where: str):
+  """One section (e.g. RFTConfig) from a ConfigDict / dict, validated like `parse`."""
+  if isinstance(values, cls):
+    return values
+  return _build(cls, values, where)
+
+
+def to_dict(run: RunConfig) -> dict:
+  """RunConfig -> plain nested dict (what checkpoints record)."""
+  return _as_dict(run)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _as_dict(obj) -> dict:
+  out = {}
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if dataclasses.is_dataclass(value):
+      out[f.name] = _as_dict(value)
+    elif value is None:  # a typed placeholder: settable later to a value of that type
+      out[f.name] = ml_collections.config_dict.placeholder(_non_none(_hints(type(obj))[f.name]))
+    else:
+      out[f.name] = value
+  return out
+
+
+def _build(cls, values, where: str):
+  items = dict(values.items()) if hasattr(values, "items") else None
+  if items is None:
+    raise ValueError(f"{where}: expected a section (a dict of fields), got {values!r}")
+  hints = _hints(cls)
+  unknown = sorted(set(items) - set(hints))
+  if unknown:
+    raise ValueError(f"{where}: unknown field(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                     f"known: {sorted(hints)}")
+  kwargs = {}
+  for name, value in items.items():
+    typ, path = hints[name], f"{where}.{name}"
+    if isinstance(value, ml_collections.FieldReference):
+      value = value.get()
+    if dataclasses.is_dataclass(typ):
+      kwargs[name] = section(typ, value, path)
+      continue
+    if not _isinstance(value, typ):
+      raise ValueError(f"{path}={value!r}: expected {_type_name(typ)}, got "
+                       f"{type(value).__name__}")
+    kwargs[name] = float(value) if typ is float else value
+  try:
+    return cls(**kwargs)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{where}: {e}") from e
+
+
+def _hints(cls) -> dict:
+  return typing.get_type_hints(cls)
+
+
+def _isinstance(value, typ) -> bool:
+  origin = typing.get_origin(typ)
+  if typ is Any:
+    return True
+  if typ is type(None):
+    return value is None
+  if origin in (typing.Union, types.UnionType):
+    return any(_isinstance(value, t) for t in typing.get_args(typ))
+  if origin is Literal:
+    return value in typing.get_args(typ)
+  if typ is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if typ is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, typ)
+
+
+def _non_none(typ):
+  args = [t for t in typing.get_args(typ) if t is not type(None)]
+  return args[0] if args else typ
+
+
+def _type_name(typ) -> str:
+  if typing.get_origin(typ) is Literal:
+    return "one of " + ", ".join(repr(a) for a in typing.get_args(typ))
+  if typing.get_origin(typ) in (typing.Union, types.UnionType):
+    return " or ".join(_type_name(t) for t in typing.get_args(typ))
+  return "None" if typ is type(None) else getattr(typ, "__name__", str(typ))
