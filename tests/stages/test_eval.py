@@ -36,12 +36,12 @@ def tiny_policy():
   from katjax.data import lookup
   from katjax.data.bpe import train_bpe
   from katjax.rollout.sampler import Sampler
-  tok = train_bpe(lookup.mid_corpus(300), 320)
-  cfg = kmodel.ModelConfig(vocab_size=320, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+  tok = train_bpe(lookup.mid_corpus(300), 400)
+  cfg = kmodel.ModelConfig(vocab_size=400, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                            ffn_dim=64, dtype="float32", family="qwen3", qk_norm=True,
                            tie_embeddings=True)
   params = kmodel.init(cfg, jax.random.PRNGKey(0))
-  return Sampler(cfg, params, max_len=320, tokenizer=tok, max_batch=64), tok
+  return Sampler(cfg, params, max_len=640, tokenizer=tok, max_batch=64), tok
 
 
 def test_eval_is_deterministic_for_a_seed(tiny_policy):
@@ -51,20 +51,21 @@ def test_eval_is_deterministic_for_a_seed(tiny_policy):
   sampler, tok = tiny_policy
   tasks = lookup.generate_tasks(6, "heldout", seed=0)
   rl = ml_collections.ConfigDict(dict(env="lookup", max_turns=2, max_new_tokens=24,
-                                      max_tokens=320))
-  ev = lambda seed: ml_collections.ConfigDict(dict(seed=seed, temperature=1.0, samples=2))
+                                      max_tokens=640))
+  ev = lambda seed: ml_collections.ConfigDict(dict(seed=seed, temperature=5.0, samples=2))
   a, b = (evaluate(sampler, tok, tasks, ev(3), rl) for _ in range(2))
   assert a == b and a["n_tasks"] == 6 and a["k"] == 2
+  assert a["finish_reasons"].get("max_tokens", 0) < 1  # the episodes did generate
   assert abs(sum(a["finish_reasons"].values()) - 1.0) < 1e-9
-  c = evaluate(sampler, tok, tasks, ev(4), rl)
-  assert c["tokens_per_episode"] != a["tokens_per_episode"]  # the seed matters
   greedy = ml_collections.ConfigDict(dict(seed=0, temperature=0.0, samples=5))
   g = evaluate(sampler, tok, tasks, greedy, rl)
   assert g["k"] == 1 and g == evaluate(sampler, tok, tasks, greedy, rl)
 
 
 def test_batched_episodes_equal_sequential_ones_with_sampling(tiny_policy):
-  """Lock-step batching changes nothing: same seeds, same tokens as one at a time."""
+  """Lock-step batching changes nothing: same seeds, same tokens as one at a time.
+  (A hot temperature: the random tiny model's own distribution is too peaked to show
+  that the seed matters.)"""
   from katjax.data import lookup
   from katjax.envs.base import make_env
   from katjax.rollout.agent import AgentLimits, run_episode
@@ -73,10 +74,14 @@ def test_batched_episodes_equal_sequential_ones_with_sampling(tiny_policy):
   import numpy as np
   sampler, tok = tiny_policy
   tasks = lookup.generate_tasks(3, "heldout", seed=1)
-  sp, limits = SamplingParams(temperature=1.0, max_new_tokens=16), AgentLimits(
-      max_turns=2, max_tokens=320, max_new_tokens=16)
+  sp, limits = SamplingParams(temperature=5.0, max_new_tokens=16), AgentLimits(
+      max_turns=2, max_tokens=640, max_new_tokens=16)
   batched = run_episodes(sampler, tok, [make_env("lookup") for _ in tasks], tasks, sp,
                          limits, seed=7)
+  other = run_episodes(sampler, tok, [make_env("lookup") for _ in tasks], tasks, sp, limits,
+                       seed=8)
+  assert all(r.num_turns >= 1 for r in batched)
+  assert any(not np.array_equal(a.tokens, b.tokens) for a, b in zip(batched, other))
   for i, (task, got) in enumerate(zip(tasks, batched)):
     want = run_episode(sampler, tok, make_env("lookup"), task, sp, limits,
                        seed=episode_seed(7, i))
