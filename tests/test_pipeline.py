@@ -62,3 +62,20 @@ def test_eval_split_overlapping_training_is_an_error(tmp_path):
   config.eval.tasks_file = str(path)
   with pytest.raises(ValueError, match="overlaps the training data"):
     heldout_tasks(config)
+
+
+def test_table_and_figure_from_stage_metrics(tmp_path):
+  from katjax.stages import figure
+  from katjax.stages.eval import wilson_interval
+  results = []
+  for i, stage in enumerate(["base", "mid", "sft", "rft", "rl"]):
+    k = 10 * i
+    results.append({"stage": stage, "success": k / 100, "ci95": list(wilson_interval(k, 100)),
+                    "mean_turns": 1.0 + i / 2, "mean_tool_calls": float(i),
+                    "parallel_call_share": i / 10, "tokens_per_episode": 300.0, "wall_s": 1.0,
+                    "success_by_level": {"1": k / 50, "4": 0.0}})
+  results[-1]["reward_curve"] = {"1": 0.2, "2": 0.3}
+  text = figure.table(results)
+  assert text.splitlines()[2].startswith("base") and "0.400" in text.splitlines()[-1]
+  png = figure.draw(results, str(tmp_path / "f.png"))
+  assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
