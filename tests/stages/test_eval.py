@@ -49,17 +49,19 @@ def test_eval_is_deterministic_for_a_seed(tiny_policy):
   from katjax.data import lookup
   from katjax.stages.eval import evaluate
   sampler, tok = tiny_policy
-  tasks = lookup.generate_tasks(6, "heldout", seed=0)
+  tasks = lookup.generate_tasks(12, "heldout", seed=0)
   rl = ml_collections.ConfigDict(dict(env="lookup", max_turns=2, max_new_tokens=24,
                                       max_tokens=640))
   ev = lambda seed: ml_collections.ConfigDict(dict(seed=seed, temperature=5.0, samples=2))
-  a, b = (evaluate(sampler, tok, tasks, ev(3), rl) for _ in range(2))
+  # 6 tasks x 2 samples and 12 greedy tasks: one batch shape, one compile.
+  a, b = (evaluate(sampler, tok, tasks[:6], ev(3), rl) for _ in range(2))
   assert a == b and a["n_tasks"] == 6 and a["k"] == 2
   assert a["finish_reasons"].get("max_tokens", 0) < 1  # the episodes did generate
   assert abs(sum(a["finish_reasons"].values()) - 1.0) < 1e-9
   greedy = ml_collections.ConfigDict(dict(seed=0, temperature=0.0, samples=5))
   g = evaluate(sampler, tok, tasks, greedy, rl)
-  assert g["k"] == 1 and g == evaluate(sampler, tok, tasks, greedy, rl)
+  assert g["k"] == 1 and g["n_tasks"] == 12
+  assert g == evaluate(sampler, tok, tasks, greedy, rl)
 
 
 def test_batched_episodes_equal_sequential_ones_with_sampling(tiny_policy):
