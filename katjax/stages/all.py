@@ -12,10 +12,11 @@ The miniature of the KAT report's figure 5 (DESIGN.md section 8). One workdir:
                           "parallel_call_share", "wall_s"}, ...]}
     DIR/figure5.png      success per stage with its 95% interval, and the RL reward curve
 
-Each stage starts from the previous stage's params (base: random init); a stage with
-`pipeline.<stage>_steps=0` is left out (no training, no evaluation, params pass through). A stage whose
-eval.json exists is finished: a rerun skips it (and says so) and takes its params from its
-checkpoint; a finished stage without a checkpoint is a ValueError naming the folder. Ctrl-C
+Each stage starts from the previous stage's workdir (`init_from`; mid from the seeded random
+init base was evaluated with); a stage with `pipeline.<stage>_steps=0` is left out (no
+training, no evaluation). A stage whose eval.json exists is finished: a rerun skips it (and
+says so) and the next stage starts from its checkpoint; a finished stage without a
+checkpoint is a ValueError naming the folder. Ctrl-C
 leaves the running stage's last checkpoint, from which a rerun resumes it. Before anything
 trains, the held-out tasks are checked against every training stage's tasks (overlap:
 ValueError).
