@@ -27,8 +27,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# The miniature of the KAT report's figure 5: base -> mid -> SFT -> RFT -> RL on held-out
+# lookup tasks (results.json, figure5.png and the table in DEMO_DIR; a rerun skips finished stages).
+DEMO_DIR ?= /tmp/katjax_demo
 demo: $(VENV)/.installed
-	$(PY) -m katjax.launch
+	$(PY) -m katjax.launch --stage=all --config=configs/pipeline_tiny.py --workdir=$(DEMO_DIR)
 
 test: $(VENV)/.installed-test
 	$(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider tests

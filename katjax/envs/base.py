@@ -244,4 +244,5 @@ def _import_builtin_envs():
         raise
 
 
-_BUILTIN_ENV_MODULES = ("katjax.envs.toy", "katjax.envs.math", "katjax.envs.swe")
+_BUILTIN_ENV_MODULES = ("katjax.envs.toy", "katjax.envs.math", "katjax.envs.swe",
+                        "katjax.envs.lookup")

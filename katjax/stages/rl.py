@@ -27,7 +27,8 @@ from katjax.core.advantages import grpo_advantages
 from katjax.core.prune import PruneConfig, prune_batch
 from katjax.envs.base import load_tasks, make_env
 from katjax.parallel import make_mesh, replicated
-from katjax.rollout.agent import AgentLimits, run_episode
+from katjax.rollout.agent import AgentLimits
+from katjax.rollout.batch import run_episodes
 from katjax.rollout.sampler import Sampler, SamplingParams
 from katjax.stages.common import make_tokenizer
 from katjax.train.config import RLConfig, parse
@@ -46,9 +47,14 @@ def run(config, workdir: str) -> dict:
 
 
 def load_rl_tasks(rl: RLConfig) -> list[dict]:
-  """`rl.tasks_file` (JSONL) or, when empty, `rl.num_tasks` generated arithmetic tasks."""
+  """`rl.tasks_file` (JSONL) or, when empty, `rl.num_tasks` generated tasks (arithmetic, or
+  the training split of lookup, each with its optimal episode as RFT's `teacher`)."""
   if rl.tasks_file:
     return load_tasks(rl.tasks_file)
+  if rl.env == "lookup":
+    from katjax.data import lookup
+    return [dict(t, teacher=lookup.teacher_episode(t))
+            for t in lookup.generate_tasks(rl.num_tasks, split="train", seed=rl.task_seed)]
   if rl.env != "arithmetic":
     raise ValueError(f"rl.tasks_file is empty and rl.env={rl.env!r} has no task generator; "
                      f"give --config.rl.tasks_file")
@@ -71,22 +77,27 @@ def collect_groups(sampler, tokenizer, tasks, rl: RLConfig, *, step: int,
                             max_new_tokens=rl.max_new_tokens)
   limits = AgentLimits(max_turns=rl.max_turns, max_tokens=rl.max_tokens,
                        max_new_tokens=rl.max_new_tokens)
+  # Every rollout of the step runs in lock-step: one sampler call per turn serves them all.
+  runs = [(t, g) for t in range(len(tasks)) for g in range(rl.group_size)]
+  envs = [make_env(rl.env) for _ in runs]
+  try:
+    flat = run_episodes(sampler, tokenizer, envs, [tasks[t] for t, _ in runs], sampling,
+                        limits, seed=step * len(runs),
+                        monitors=[rft.monitor(tasks[t]) if rft is not None else None
+                                  for t, _ in runs])
+  finally:
+    for env in envs:
+      env.close()
+  for (t, _), r in zip(runs, flat):
+    if r.error:  # the runner records failures; here one stops the stage
+      raise RuntimeError(f"task {tasks[t].get('id', t)!r}: episode failed: {r.error}")
+    if r.num_turns == 0 and r.finish_reason == "max_tokens":
+      raise ValueError(f"task {tasks[t].get('id', t)!r}: the prompt alone has "
+                       f"{len(r.tokens)} tokens >= rl.max_tokens={rl.max_tokens}; "
+                       f"raise rl.max_tokens (and rl.row_tokens)")
   groups, rewards, turns, calls, parallel, cut = [], [], [], [], [], 0
   for t, task in enumerate(tasks):
-    rollouts = []
-    for g in range(rl.group_size):
-      with make_env(rl.env) as env:
-        seed = (step * len(tasks) + t) * rl.group_size + g
-        monitor = rft.monitor(task) if rft is not None else None
-        rollouts.append(run_episode(sampler, tokenizer, env, task, sampling, limits, seed=seed,
-                                    monitor=monitor))
-      if rollouts[-1].error:  # the runner records failures; here one stops the stage
-        raise RuntimeError(f"task {task.get('id', t)!r}: episode failed: "
-                           f"{rollouts[-1].error}")
-      if rollouts[-1].num_turns == 0 and rollouts[-1].finish_reason == "max_tokens":
-        raise ValueError(f"task {task.get('id', t)!r}: the prompt alone has "
-                         f"{len(rollouts[-1].tokens)} tokens >= rl.max_tokens={rl.max_tokens}; "
-                         f"raise rl.max_tokens (and rl.row_tokens)")
+    rollouts = flat[t * rl.group_size:(t + 1) * rl.group_size]
     branches = [x.to_tree(group_id=t, policy_version=step) for x in rollouts]
     if rft is None:
       r = np.asarray([x.reward for x in rollouts], np.float64)

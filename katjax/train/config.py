@@ -19,6 +19,7 @@ Sections (each a frozen dataclass below, or the existing one it reuses):
     serve       ServeConfig
     export      ExportConfig
     eval        EvalConfig
+    pipeline    PipelineConfig (--stage=all)
 """
 
 from __future__ import annotations
@@ -162,6 +163,25 @@ class EvalConfig:
   seed: int = 0
   temperature: float = 0.0  # 0: greedy
   samples: int = 1  # pass@k
+  tasks_file: str = ""  # JSONL of evaluation tasks; "": the generated held-out split
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """--stage=all: the BPE it trains, the LM stages' data sizes, and per stage its steps
+  (0 leaves the stage out) and peak learning rate."""
+
+  vocab_size: int = 640
+  mid_docs: int = 3000
+  sft_episodes: int = 2000
+  mid_steps: int = 40
+  mid_lr: float = 3e-3
+  sft_steps: int = 120
+  sft_lr: float = 2e-3
+  rft_steps: int = 10
+  rft_lr: float = 5e-4
+  rl_steps: int = 20
+  rl_lr: float = 5e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +199,7 @@ class RunConfig:
   serve: ServeConfig = ServeConfig()
   export: ExportConfig = ExportConfig()
   eval: EvalConfig = EvalConfig()
+  pipeline: PipelineConfig = PipelineConfig()
 
 
 def base_config() -> ml_collections.ConfigDict:

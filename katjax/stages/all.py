@@ -1,0 +1,216 @@
+"""`--stage=all`: eval(base) -> mid -> eval -> SFT -> eval -> RFT -> eval -> RL -> eval.
+
+    python -m katjax.launch --stage=all --config=configs/pipeline_tiny.py --workdir=DIR
+
+The miniature of the KAT report's figure 5 (DESIGN.md section 8). One workdir:
+
+    DIR/tokenizer.json   compact BPE trained on the mid corpus (before anything else, so
+                         the base model is evaluated with the vocabulary every stage uses)
+    DIR/data/            mid corpus, SFT expert episodes (JSONL)
+    DIR/<stage>/         checkpoints/, logs/, eval.json (the stage's held-out metrics)
+    DIR/results.json     {"stages": [{"stage", "success", "ci95", "mean_turns",
+                          "parallel_call_share", "wall_s"}, ...]}
+    DIR/figure5.png      success per stage with its 95% interval, and the RL reward curve
+
+Each stage starts from the previous stage's workdir (`init_from`; mid from the seeded random
+init base was evaluated with); a stage with `pipeline.<stage>_steps=0` is left out (no
+training, no evaluation). A stage whose eval.json exists is finished: a rerun skips it (and
+says so) and the next stage starts from its checkpoint; a finished stage without a
+checkpoint is a ValueError naming the folder. Ctrl-C
+leaves the running stage's last checkpoint, from which a rerun resumes it. Before anything
+trains, the held-out tasks are checked against every training stage's tasks (overlap:
+ValueError).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+
+import jax
+import tqdm
+
+from katjax import model as kmodel
+from katjax.data import load_mid, load_sft, lookup
+from katjax.data.bpe import train_and_save
+from katjax.envs.base import make_env
+from katjax.stages import eval as eval_stage
+from katjax.stages import figure
+from katjax.train.config import parse
+
+STAGES = ("base", "mid", "sft", "rft", "rl")
+__all__ = ["STAGES", "run", "prepare"]
+
+
+def run(config, workdir: str) -> dict:
+  p = config.pipeline
+  workdir = os.path.abspath(workdir)
+  paths = prepare(config, workdir)
+  config = _with(config, tokenizer=paths["tokenizer"])
+  tokenizer = _tokenizer(paths["tokenizer"])
+  held = eval_stage.heldout_tasks(config)  # checks against the RL / RFT tasks
+  lookup.check_disjoint(held, _sft_tasks(config), what="eval (vs SFT data)")
+  cfg = parse(config).model
+  results, sampler = [], None
+  for i, stage in enumerate(STAGES):
+    sdir = os.path.join(workdir, stage)
+    done = os.path.join(sdir, "eval.json")
+    if os.path.exists(done):
+      with open(done) as f:
+        results.append(json.load(f))
+      print(f"[all] {stage}: finished in an earlier run, skipped ({done})")
+      continue
+    if stage != "base" and getattr(p, f"{stage}_steps") == 0:
+      print(f"[all] {stage}: pipeline.{stage}_steps=0, left out (params pass through)")
+      continue
+    trained = [s for s in STAGES[:i] if s == "base" or getattr(p, f"{s}_steps") > 0]
+    prev = _finished_workdir(workdir, trained[-1]) if i else None
+    t0 = time.perf_counter()
+    params, extra = _train(stage, config, sdir, prev, p)
+    # One placement for every stage's params (training leaves them mesh-sharded): the
+    # shared sampler's compiled programs then serve all five evaluations.
+    params = jax.device_put(jax.device_get(params), jax.devices()[0])
+    if sampler is None:
+      from katjax.rollout.sampler import Sampler
+      sampler = Sampler(cfg, params, max_len=config.rl.max_tokens, tokenizer=tokenizer,
+                        max_batch=256)
+    else:
+      sampler.update_weights(params)
+    bar = tqdm.tqdm(total=config.rl.max_turns, desc=f"eval {stage}", dynamic_ncols=True)
+    metrics = eval_stage.evaluate(sampler, tokenizer, held, config.eval, config.rl,
+                                  on_turn=lambda _: bar.update(1))
+    bar.close()
+    metrics.update(extra, stage=stage, wall_s=time.perf_counter() - t0)
+    os.makedirs(sdir, exist_ok=True)
+    with open(done, "w") as f:
+      json.dump(metrics, f, indent=1)
+    print(eval_stage.format_metrics(stage, metrics))
+    results.append(metrics)
+  keys = ("stage", "success", "ci95", "mean_turns", "parallel_call_share", "wall_s")
+  out = {"stages": [{k: r[k] for k in keys} for r in results]}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  print(figure.table(results))
+  png = figure.draw(results, os.path.join(workdir, "figure5.png"))
+  print(f"[all] results.json and {os.path.basename(png)} in {workdir}")
+  return out
+
+
+def prepare(config, workdir: str) -> dict:
+  """Writes (once; deterministic) the tokenizer and the LM stages' data; returns paths."""
+  p = config.pipeline
+  data = os.path.join(workdir, "data")
+  os.makedirs(data, exist_ok=True)
+  paths = {"tokenizer": os.path.join(workdir, "tokenizer.json"),
+           "mid": os.path.join(data, "mid.jsonl"), "sft": os.path.join(data, "sft.jsonl")}
+  if not all(os.path.exists(x) for x in paths.values()):
+    docs = lookup.mid_corpus(p.mid_docs, seed=config.data.seed)
+    tok = train_and_save(docs, p.vocab_size, paths["tokenizer"])
+    if tok.vocab_size > config.model.vocab_size:
+      raise ValueError(f"pipeline.vocab_size={p.vocab_size} gave {tok.vocab_size} ids > "
+                       f"config.model.vocab_size={config.model.vocab_size}")
+    _write_jsonl(paths["mid"], [{"text": d} for d in docs])
+    rng = random.Random(config.data.seed)
+    env = make_env(config.rl.env)
+    chats = []
+    for task in _sft_tasks(config):
+      messages, tools = env.reset(task)
+      chats.append({"id": task["id"], "messages": messages + lookup.expert_episode(task, rng),
+                    "tools": tools})
+    _write_jsonl(paths["sft"], chats)
+  return paths
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def _train(stage, config, sdir, prev, p):
+  """Trains one stage from the previous stage's workdir `prev` (config.init_from; mid
+  starts from the seeded random init that base was evaluated with); returns (params,
+  extra metrics for eval.json)."""
+  from katjax.stages.common import make_tokenizer
+  from katjax.train.loop import train_lm
+  if stage == "base":
+    return _base_params(config), {}
+  c = _stage_config(config, getattr(p, f"{stage}_steps"), getattr(p, f"{stage}_lr"))
+  with c.unlocked():
+    c.init_from = prev or ""
+  tok = make_tokenizer(c, sdir)  # checked against the vocabulary, copied into sdir
+  if stage in ("mid", "sft"):
+    path = os.path.join(os.path.dirname(sdir), "data", f"{stage}.jsonl")
+    data = (load_mid if stage == "mid" else load_sft)(path, tok, c.data.seq_len,
+                                                      on_error=c.data.on_error)
+    print(f"[all] {stage}: {data.stats.sequences} sequences, {data.stats.loss_tokens} loss "
+          f"tokens, {c.train.steps} steps")
+    summary = train_lm(c, sdir, data, None, tokenizer=tok)
+    return summary["state"].params, {"train_loss": summary["losses"]}
+  from katjax.stages import rl as rl_stage
+  rft = None
+  if stage == "rft":
+    from katjax.stages.rft import RftRewards
+    rft = RftRewards(tok, c.rl.env, c.rl.rft)
+  print(f"[all] {stage}: {c.train.steps} steps of {c.rl.tasks_per_step} tasks x "
+        f"{c.rl.group_size} rollouts")
+  summary = rl_stage.train_rl(c, sdir, rft=rft)
+  curve = {str(k): v for k, v in sorted(summary["reward_mean"].items())}
+  return summary["state"].params, {"reward_curve": curve}
+
+
+def _stage_config(config, steps, lr):
+  c = _with(config)
+  with c.unlocked():
+    c.train.steps = int(steps)
+    c.optimizer.total_steps = int(steps)
+    c.optimizer.learning_rate = float(lr)
+    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, int(steps) // 4)
+    c.train.checkpoint_every = min(c.train.checkpoint_every, int(steps))
+  return c
+
+
+def _base_params(config):
+  """The random init of the base model: the one a stage with empty init_from starts from
+  (katjax.train.trainer.Trainer.setup's key for the same train.seed)."""
+  init_key, _ = jax.random.split(jax.random.PRNGKey(config.train.seed))
+  return kmodel.init(parse(config).model, init_key)
+
+
+def _finished_workdir(workdir, stage):
+  """The workdir the next stage initialises from (None for base: the random init); a
+  ValueError when the stage finished but its checkpoint is gone."""
+  if stage == "base":
+    return None
+  from katjax.train.init_from import latest_step
+  sdir = os.path.join(workdir, stage)
+  if latest_step(sdir) is None:
+    raise ValueError(f"stage {stage!r} is marked finished ({sdir}/eval.json) but has no "
+                     f"checkpoint in {sdir}/checkpoints: delete {sdir} to rerun it")
+  return sdir
+
+
+def _sft_tasks(config):
+  """SFT's tasks: the first pipeline.sft_episodes of the training split RL also uses."""
+  return eval_stage.train_tasks(config)[:config.pipeline.sft_episodes]
+
+
+def _with(config, **fields):
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    for k, v in fields.items():
+      setattr(c, k, v)
+  return c
+
+
+def _tokenizer(path):
+  from katjax.model.tokenizer import Tokenizer
+  return Tokenizer.from_file(path)
+
+
+def _write_jsonl(path, records):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)  # complete or absent: a killed run regenerates it

@@ -1,0 +1,81 @@
+"""--stage=all pieces that need no training: data preparation and the held-out guarantees."""
+
+import json
+
+import ml_collections
+import pytest
+
+from katjax.data import lookup
+
+
+def _config(tmp_path=None, **eval_fields):
+  import sys, os
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import pipeline_tiny
+  c = pipeline_tiny.get_config()
+  c.rl.num_tasks = 400
+  c.pipeline.sft_episodes = 300
+  c.pipeline.mid_docs = 300
+  c.eval.num_tasks = 100
+  c.eval.update(eval_fields)
+  return c
+
+
+def _content(question, results):
+  """Task content seen in training text: the question and every looked-up value, sorted."""
+  return (question, tuple(sorted(results)))
+
+
+def test_heldout_tasks_never_appear_in_training_data(tmp_path):
+  from katjax.stages import all as all_stage
+  from katjax.stages.eval import heldout_tasks, train_tasks
+  config = _config()
+  paths = all_stage.prepare(config, str(tmp_path))
+  held = heldout_tasks(config)
+  held_content = {_content(lookup.question(t), t["table"].values()) for t in held}
+  seen = set()
+  with open(paths["sft"]) as f:
+    for line in f:
+      msgs = json.loads(line)["messages"]
+      question = next(m["content"] for m in msgs if m["role"] == "user")
+      results = {m["content"] for m in msgs if m["role"] == "tool"} - {"Submitted."}
+      seen.add(_content(question, results))
+  for t in train_tasks(config):  # RFT / RL tasks
+    seen.add(_content(lookup.question(t), t["table"].values()))
+  assert len(seen) > 300 and not held_content & seen
+  with open(paths["mid"]) as f:  # mid: no held-out question, no tool result after a call
+    mid = [json.loads(line)["text"] for line in f]
+  prompts = {d.split("<|im_start|>user\n")[1].split("<|im_end|>")[0] for d in mid
+             if "<|im_start|>user\nget" in d or "<|im_start|>user\nchain" in d}
+  held_prompts_only = {lookup.question(t) for t in held} - {
+      lookup.question(t) for t in lookup.generate_tasks(3000, "train", seed=9)}
+  assert prompts and not prompts & held_prompts_only
+
+
+def test_eval_split_overlapping_training_is_an_error(tmp_path):
+  from katjax.stages.eval import heldout_tasks, train_tasks
+  config = _config()
+  leaked = train_tasks(config)[5]
+  path = tmp_path / "eval.jsonl"
+  path.write_text("".join(json.dumps(t) + "\n" for t in
+                          lookup.generate_tasks(10, "heldout") + [leaked]))
+  config.eval.tasks_file = str(path)
+  with pytest.raises(ValueError, match="overlaps the training data"):
+    heldout_tasks(config)
+
+
+def test_table_and_figure_from_stage_metrics(tmp_path):
+  from katjax.stages import figure
+  from katjax.stages.eval import wilson_interval
+  results = []
+  for i, stage in enumerate(["base", "mid", "sft", "rft", "rl"]):
+    k = 10 * i
+    results.append({"stage": stage, "success": k / 100, "ci95": list(wilson_interval(k, 100)),
+                    "mean_turns": 1.0 + i / 2, "mean_tool_calls": float(i),
+                    "parallel_call_share": i / 10, "tokens_per_episode": 300.0, "wall_s": 1.0,
+                    "success_by_level": {"1": k / 50, "4": 0.0}})
+  results[-1]["reward_curve"] = {"1": 0.2, "2": 0.3}
+  text = figure.table(results)
+  assert text.splitlines()[2].startswith("base") and "0.400" in text.splitlines()[-1]
+  png = figure.draw(results, str(tmp_path / "f.png"))
+  assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
