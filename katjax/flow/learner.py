@@ -26,10 +26,13 @@ class TreeLearner:
   """Holds the train state; `train(groups) -> (params, metrics)` is one step."""
 
   def __init__(self, model_cfg, state, optimizer, loss_cfg, *, num_rows: int, row_tokens: int,
-               prune_cfg: PruneConfig = PruneConfig()):
+               prune_cfg: PruneConfig = PruneConfig(), step_fn=None, batch_sharding=None):
+    """step_fn / batch_sharding: a sharded tree step and the batch's sharding (the RL
+    stage's, from its Trainer); default a plain jitted step on one device."""
     self.model_cfg, self.state, self.loss_cfg = model_cfg, state, loss_cfg
     self.num_rows, self.row_tokens, self.prune_cfg = num_rows, row_tokens, prune_cfg
-    self._step = make_tree_step(model_cfg, loss_cfg, optimizer)
+    self._step = step_fn or make_tree_step(model_cfg, loss_cfg, optimizer)
+    self._sharding = batch_sharding
     self._prox = jax.jit(lambda params, batch: tree_logprobs(model_cfg, params, batch)[0])
 
   @property
@@ -41,7 +44,8 @@ class TreeLearner:
     groups = [with_advantages(g) for g in groups]
     batch, info = prune_batch(groups, self.num_rows, self.row_tokens, self.prune_cfg,
                               norm=self.loss_cfg.norm)
-    arrays = jax.tree.map(jax.numpy.asarray, batch.arrays())
+    arrays = (jax.device_put(batch.arrays(), self._sharding) if self._sharding is not None
+              else jax.tree.map(jax.numpy.asarray, batch.arrays()))
     arrays["old_logp"] = self._prox(self.state.params, arrays)
     return arrays, info
 

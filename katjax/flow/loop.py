@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import threading
 import time
 import zlib
@@ -64,18 +63,19 @@ class FlowConfig:
 
 
 def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=None,
-             on_step=None) -> dict:
+             feeder=None, start_step: int = 0, on_step=None) -> dict:
   """Runs cfg.steps train steps; returns throughput, bubble, idle and staleness figures.
 
   engine: `Engine`-like (thread-safe `generate`, `update_weights`, `version`, `snapshot`);
   tasks: a list cycled in order; learner: `train(groups) -> (params, metrics)`;
   on_step(step, metrics, manager): called after each published update (e.g. checkpoint).
+  manager / feeder / start_step: a restored run's state (`resume_state` prepares them).
   """
   manager = manager or TrajectoryManager(cfg.group_size, cfg.groups_per_step,
                                          eta=cfg.effective_eta)
   sched = ThreadScheduler([Resource("agents", {"rollout"}, slots=cfg.rollout_slots),
                            Resource("trainer", {"train"})])
-  state = _FeederState(tasks)
+  state = feeder or TaskFeeder(tasks)
   stop = threading.Event()
   wake = threading.Condition()
   counters = collections.Counter()
@@ -117,7 +117,7 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
   thread.start()
   waited, trained_s, steps, staleness, n_traj, n_tokens = 0.0, 0.0, [], [], 0, 0
   try:
-    for step in range(cfg.steps):
+    for step in range(start_step, cfg.steps):
       w0 = time.monotonic()
       taken = manager.take_batch()
       while taken is None:
@@ -131,7 +131,7 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
       params, metrics = _train_with_retries(sched, learner, groups, cfg.train_retries,
                                             counters)
       engine.update_weights(params)
-      manager.set_version(step + 1)
+      manager.set_version(step + 1)  # the engine's weights: one version per step
       with wake:
         wake.notify_all()
       trained_s += time.monotonic() - s0
@@ -162,28 +162,55 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
           "train_s": trained_s, "history": steps}
 
 
-class _FeederState:
-  """Tasks in order, cycled; rescheduled tasks go first."""
+class TaskFeeder:
+  """Tasks in order, cycled; rescheduled tasks first. A group's key is "<task index>#<n>".
+
+  `get_state` / `set_state` (plain JSON) let a checkpoint resume the same order.
+  """
 
   def __init__(self, tasks):
     if not tasks:
       raise ValueError("run_flow: no tasks")
     self._tasks = list(tasks)
-    self._order = itertools.count()
+    self._next = 0
     self._again: collections.deque = collections.deque()
     self._lock = threading.Lock()
 
   def next(self):
     with self._lock:
-      n = next(self._order)
-      if self._again:
-        key = self._again.popleft()
-        return self._tasks[int(key.split("#")[0])], f"{key.split('#')[0]}#{n}"
-      return self._tasks[n % len(self._tasks)], f"{n % len(self._tasks)}#{n}"
+      n, self._next = self._next, self._next + 1
+      index = int(self._again.popleft().split("#")[0]) if self._again else n % len(self._tasks)
+      return self._tasks[index], f"{index}#{n}"
 
   def requeue(self, key: str) -> None:
     with self._lock:
       self._again.append(key)
+
+  def get_state(self) -> dict:
+    with self._lock:
+      return {"next": self._next, "again": list(self._again)}
+
+  def set_state(self, state: dict) -> None:
+    with self._lock:
+      self._next, self._again = int(state["next"]), collections.deque(state["again"])
+
+
+def resume_state(manager: TrajectoryManager, feeder: TaskFeeder, state: dict) -> int:
+  """Load a checkpointed {"manager", "feeder"} state; returns the number of episodes that
+  were running at the checkpoint. Their groups are dropped and their tasks queued again
+  (their agents are gone); finished, untrained groups stay ready, so after a kill and a
+  resume every finished trajectory is trained once and none twice."""
+  manager.load_state_dict(state["manager"])
+  feeder.set_state(state["feeder"])
+  running = [s for s, sess in manager.sessions.items() if sess.reward is None]
+  dropped = 0
+  for s in running:
+    if s in manager.sessions:  # a sibling's abort may have dropped it already
+      feeder.requeue(manager.abort(s))
+      dropped += 1
+  manager.stats["aborted"] -= dropped  # a restart, not a dead agent
+  manager.stats["resumed_groups_requeued"] = manager.stats.get("resumed_groups_requeued", 0) + dropped
+  return len(running)
 
 
 def _train_with_retries(sched, learner, groups, retries, counters):

@@ -8,10 +8,9 @@ prefix tree, prune the step's forest to the batch (`rl.num_rows` x `rl.row_token
 entropy, take one tree-loss train step, and hand the new weights to the sampler (no
 recompilation). The setup (mesh, state, init_from, checkpoints, logs, cadence) is the
 shared `katjax.train.trainer.Trainer`, as for mid-training and SFT. Rollout and training
-alternate in one process: this is the on-policy schedule. SeamlessFlow's decoupled
-trajectory / rollout managers and tag scheduler (DESIGN.md section 6) are not built yet;
-`bubble` (the share of wall time the trainer waits for rollouts) is logged so that schedule
-has a baseline to beat.
+alternate in one process: this is the on-policy schedule;
+`bubble` (the share of wall time the trainer waits for rollouts) is logged. The asynchronous
+schedule (`rl.mode="async"`, SeamlessFlow) is `stages/rl_flow.py`.
 """
 
 from __future__ import annotations
@@ -136,6 +135,11 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   tasks = load_rl_tasks(rl)
   if len(tasks) < rl.tasks_per_step:
     raise ValueError(f"{len(tasks)} tasks, fewer than rl.tasks_per_step={rl.tasks_per_step}")
+  if rl.mode == "async":
+    if rft is not None:
+      raise ValueError("config.rl.mode='async' runs --stage=rl only; RFT is synchronous")
+    from katjax.stages.rl_flow import train_rl_async
+    return train_rl_async(config, workdir, tasks, tokenizer, verbose=verbose)
   # Enough epochs for every step (finite: grain's iterator needs an index-sized length).
   epochs = -(-tc.steps * rl.tasks_per_step // len(tasks)) + 1
   ds = grain.MapDataset.source(tasks).shuffle(seed=rl.task_seed).repeat(epochs)

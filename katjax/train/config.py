@@ -123,8 +123,20 @@ class RLConfig:
   row_tokens: int = 2048
   norm: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
   prune_selector: str = "entropy"
+  # Schedule: "sync" alternates rollouts and steps; "async" is SeamlessFlow (katjax.flow):
+  # up to `eta` policy versions ahead, `rollout_slots` episodes at once on the engine.
+  mode: Literal["sync", "async"] = "sync"
+  eta: int = 1
+  rollout_slots: int = 8
   loss: LossConfig = LossConfig()
   rft: RFTConfig = RFTConfig()
+
+  def __post_init__(self):
+    if self.eta < 0:
+      raise ValueError(f"config.rl.eta={self.eta} must be >= 0 (the staleness bound in policy "
+                       f"versions; 0 is the synchronous schedule)")
+    if self.rollout_slots < 1:
+      raise ValueError(f"config.rl.rollout_slots={self.rollout_slots} must be >= 1")
 
   def policy_loss(self) -> PolicyLossConfig:
     """The core loss config, with rl.norm as its normalisation."""

@@ -1,0 +1,115 @@
+"""Stage 4, asynchronous form (`--config.rl.mode=async`): agentic RL through SeamlessFlow.
+
+The same task list, agent loop, tree batch and Trainer as the synchronous loop
+(`stages/rl.py`), scheduled by `katjax.flow.loop.run_flow`: `rl.rollout_slots` episodes run
+at once on the continuous-batching `Engine` and record into a `TrajectoryManager`; the
+trainer steps as soon as `rl.tasks_per_step` groups are graded, and the engine takes the new
+weights between decode chunks, so episodes in flight continue on them (partial rollouts).
+Rollouts run at most `rl.eta` policy versions ahead (eta = 0: the synchronous schedule).
+
+Checkpoints hold, beside the train state, the manager's state (finished but untrained groups,
+version counters) and the task order. A resumed run (after a kill) trains the groups that
+were finished at the checkpoint exactly once, and runs again the tasks whose episodes were
+still going (their agents are gone).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from katjax.core.prune import PruneConfig
+from katjax.envs.base import make_env
+from katjax.flow.learner import TreeLearner
+from katjax.flow.loop import FlowConfig, TaskFeeder, resume_state, run_flow
+from katjax.flow.trajectories import TrajectoryManager
+from katjax.parallel import replicated
+from katjax.rollout.agent import AgentLimits, run_episode
+from katjax.rollout.engine import Engine
+from katjax.rollout.sampler import Sampler, SamplingParams
+from katjax.train.trainer import Trainer
+from katjax.train.tree_step import make_tree_step
+
+
+class FlowState:
+  """The flow's part of a checkpoint (saved as the Trainer's data-iterator state): a snapshot
+  taken right after a step, so it matches the saved train state even when the save is async."""
+
+  def __init__(self, manager: TrajectoryManager, feeder: TaskFeeder):
+    self.manager, self.feeder = manager, feeder
+    self.snapshot = self.capture()
+
+  def capture(self) -> dict:
+    return {"manager": self.manager.state_dict(), "feeder": self.feeder.get_state()}
+
+  def get_state(self) -> dict:
+    return self.snapshot
+
+  def set_state(self, state: dict) -> None:
+    self.snapshot = state
+
+  def start_prefetch(self) -> None:  # the data-iterator protocol of the checkpoint handler
+    pass
+
+
+def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = True) -> dict:
+  """Run (or resume) asynchronous RL; returns {start_step, steps, reward_mean, loss, state,
+  flow} like the synchronous `train_rl`, plus the flow's figures."""
+  from katjax.train.config import parse
+
+  run = parse(config)
+  rl, tc = run.rl, run.train
+  manager = TrajectoryManager(rl.group_size, rl.tasks_per_step, eta=rl.eta)
+  feeder = TaskFeeder(tasks)
+  flow_state = FlowState(manager, feeder)
+  tr = Trainer.setup(config, workdir, flow_state, tokenizer, verbose=verbose)
+  requeued = resume_state(manager, feeder, flow_state.snapshot) if tr.start else 0
+  manager.set_version(tr.start)
+  loss_cfg = rl.policy_loss()
+  step_fn = make_tree_step(tr.cfg, loss_cfg, tr.optimizer, state_shardings=tr.state_shardings,
+                           batch_sharding=tr.batch_sharding, out_sharding=replicated(tr.mesh))
+  learner = TreeLearner(tr.cfg, tr.state, tr.optimizer, loss_cfg, num_rows=rl.num_rows,
+                        row_tokens=rl.row_tokens, step_fn=step_fn,
+                        batch_sharding=tr.batch_sharding,
+                        prune_cfg=PruneConfig(selector=rl.prune_selector, norm=loss_cfg.norm,
+                                              seed=tc.seed))
+  # The engine gets a copy: the train step donates the state's buffers.
+  sampler = Sampler(tr.cfg, jax.tree.map(jnp.copy, tr.state.params), max_len=rl.max_tokens,
+                    tokenizer=tokenizer)
+  sampler.version = tr.start  # tokens carry the step whose weights made them, across resumes
+  engine = Engine(sampler, rows=rl.rollout_slots)
+  sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p,
+                            max_new_tokens=rl.max_new_tokens)
+  limits = AgentLimits(max_turns=rl.max_turns, max_tokens=rl.max_tokens,
+                       max_new_tokens=rl.max_new_tokens)
+
+  def episode(task, backend, seed):
+    ro = run_episode(backend, tokenizer, make_env(rl.env), task, sampling, limits, seed=seed)
+    if ro.error:  # counted and rescheduled by run_flow; many in a row stop the run
+      raise RuntimeError(f"episode failed: {ro.error}")
+    return ro.reward, {"turns": ro.num_turns, "tool_calls": ro.num_tool_calls}
+
+  summary = {"start_step": tr.start, "reward_mean": {}, "loss": {}, "workdir": workdir}
+
+  def on_step(done, metrics, mgr):
+    summary["reward_mean"][done] = metrics["reward_mean"]
+    summary["loss"][done] = metrics["loss"]
+    flow_state.snapshot = flow_state.capture()
+    if tr.is_log_step(done):
+      tr.log.write(done, {k: v for k, v in metrics.items() if np.isscalar(v)})
+    tr.end_step(done, learner.state, flow_state)
+
+  cfg = FlowConfig(mode="async", eta=rl.eta, group_size=rl.group_size,
+                   groups_per_step=rl.tasks_per_step, steps=tc.steps,
+                   rollout_slots=rl.rollout_slots)
+  try:
+    out = run_flow(cfg, engine=engine, tasks=tasks, episode_fn=episode, learner=learner,
+                   manager=manager, feeder=feeder, start_step=tr.start, on_step=on_step)
+  finally:
+    engine.close()
+    tr.close()
+  out["requeued_at_resume"] = requeued
+  summary.update(steps=tc.steps, state=learner.state,
+                 flow={k: v for k, v in out.items() if k != "history"})
+  return summary
