@@ -15,9 +15,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "katjax"
 
 # Floors, bottom first: a module may import its own floor and those below it.
-# bench/ and testing/ (fixtures, benchmarks) may import anything below stages/.
+# bench/, testing/ (fixtures, benchmarks) and plan/ (the memory planner, a tool) may import
+# anything below stages/.
 LAYERS = (("core",), ("parallel",), ("model",), ("data",), ("train",), ("envs", "sandbox"),
-          ("rollout",), ("flow",), ("bench", "testing"), ("stages", "launch"))
+          ("rollout",), ("flow",), ("bench", "testing", "plan"), ("stages", "launch"))
 # Pairs a lower floor's order would allow but DESIGN.md forbids.
 FORBIDDEN = {("model", "train"), ("envs", "model")}
 

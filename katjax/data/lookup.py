@@ -43,10 +43,14 @@ SYSTEM_PROMPT = "Look up the keys with lookup, then submit their values in order
 
 
 def tool_specs() -> list[dict]:
-  """The two tools, with short descriptions (they are in every prompt)."""
-  from katjax.envs.base import tool_spec
-  return [tool_spec("lookup", "Value of a key.", {"key": {"type": "string"}}),
-          tool_spec("submit", "Submit the values.", {"answer": {"type": "string"}})]
+  """The two tools, with short descriptions (they are in every prompt). OpenAI function
+  schemas as `katjax.envs.base.tool_spec` writes them (data/ sits below envs/)."""
+  def spec(name, description, arg):
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "properties": {arg: {"type": "string"}},
+                       "required": [arg]}}}
+  return [spec("lookup", "Value of a key.", "key"), spec("submit", "Submit the values.", "answer")]
 
 
 def question(task: dict) -> str:

@@ -108,3 +108,11 @@ def test_bpe_prompt_is_compact_and_values_copy_as_identical_tokens(tmp_path):
 
 def _contains(seq, sub):
   return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def test_data_tool_specs_are_the_envs_tool_specs():
+  from katjax.data.lookup import tool_specs
+  from katjax.envs.base import tool_spec
+  assert tool_specs() == [tool_spec("lookup", "Value of a key.", {"key": {"type": "string"}}),
+                          tool_spec("submit", "Submit the values.",
+                                    {"answer": {"type": "string"}})]

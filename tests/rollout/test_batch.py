@@ -58,7 +58,7 @@ def test_batched_records_equal_the_sequential_agent_loop():
                              task, SamplingParams(max_new_tokens=96), limits)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.loss_mask, want.loss_mask)
-    np.testing.assert_array_equal(got.events, want.events)
+    np.testing.assert_array_equal(got.flags, want.flags)
     np.testing.assert_array_equal(got.turn_starts, want.turn_starts)
     assert (got.reward, got.finish_reason, got.num_tool_calls, got.parallel_turns) == (
         want.reward, want.finish_reason, want.num_tool_calls, want.parallel_turns)

@@ -17,7 +17,8 @@ CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.
 FIELDS = {"model": ("d_model", "wide"), "data": ("seq_len", 1.5), "optimizer": ("b1", "x"),
           "train": ("steps", "ten"), "mesh": ("fsdp", 2.0), "rl": ("temperature", "hot"),
           "rl.loss": ("eps_low", "low"), "rl.rft": ("monitor", "yes"),
-          "serve": ("port", "80"), "export": ("path", 3), "eval": ("samples", "1")}
+          "serve": ("port", "80"), "export": ("path", 3), "eval": ("samples", "1"),
+          "pipeline": ("sft_steps", "many")}
 
 
 def load(name):
@@ -37,7 +38,7 @@ def _section(c, dotted):
 def test_every_section_is_declared():
   assert {f.name for f in dataclasses.fields(schema.RunConfig)} == {
       "tokenizer", "init_from", "model", "data", "optimizer", "train", "mesh", "rl", "serve",
-      "export", "eval"}
+      "export", "eval", "pipeline"}
   # Every section with fields appears in FIELDS: the tests below cover each of them.
   sections = {k.split(".")[0] for k in FIELDS}
   assert sections == {f.name for f in dataclasses.fields(schema.RunConfig)

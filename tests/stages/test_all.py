@@ -10,7 +10,8 @@ from katjax.data import lookup
 
 def _config(tmp_path=None, **eval_fields):
   import sys, os
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), "configs"))
   import pipeline_tiny
   c = pipeline_tiny.get_config()
   c.rl.num_tasks = 400
