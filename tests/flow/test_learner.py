@@ -13,7 +13,7 @@ from katjax.flow.learner import TreeLearner, with_advantages
 from katjax.model import TINY, init
 from katjax.testing.trees import random_group
 from katjax.train.state import TrainState
-from katjax.train.tree_step import make_tree_step, tree_logprobs
+from katjax.train.tree_step import make_tree_step
 
 CFG = TINY.replace(vocab_size=64)
 
@@ -30,7 +30,7 @@ def test_eta_zero_step_equals_the_synchronous_on_policy_step():
                                                jax.random.PRNGKey(1)), opt, loss_cfg,
                         num_rows=2, row_tokens=128, prune_cfg=PruneConfig())
   arrays, _ = learner.batch(groups)
-  logp = np.asarray(tree_logprobs(CFG, params, arrays)[0])
+  logp = np.asarray(arrays["old_logp"])  # the proximal = current policy's logprobs
   arrays["logprobs"] = logp  # behaviour = current
   sync_cfg = dataclasses.replace(loss_cfg, tis_cap=None)
   sync_step = make_tree_step(CFG, sync_cfg, opt)
