@@ -41,8 +41,8 @@ from katjax.rollout.sampling import sample as _sample
 __all__ = ["SamplingParams", "Completion", "Sampler", "bucket", "filter_logits"]
 
 # XLA CPU hands dots to YNNPACK by default; for decode-shaped matmuls (a batch of rows
-# against every weight matrix) Eigen's dot was ~1.5x faster per decode step (SmolLM2-135M,
-# batch 16, this repo's 2-core CPU), so the sampler's programs compile with it on CPU.
+# against every weight matrix) Eigen's dot measured faster per decode step (figures in
+# docs/benchmarks.md, "Sampler"), so the sampler's programs compile with it on CPU.
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
