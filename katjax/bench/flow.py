@@ -59,8 +59,8 @@ def scripted_episode(system, *, tool_s, sigma, new_tokens, rng_seed):
   return run
 
 
-def run(steps: int = 6, group_size: int = 4, groups_per_step: int = 2, slots: int = 16,
-        eta: int = 2, tool_s: float = 0.15, sigma: float = 1.0, new_tokens: int = 16,
+def run(steps: int = 4, group_size: int = 4, groups_per_step: int = 2, slots: int = 16,
+        eta: int = 2, tool_s: float = 0.3, sigma: float = 1.2, new_tokens: int = 16,
         seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   system = rng.integers(0, 256, 96)
@@ -111,11 +111,11 @@ def _warm_up(engine, learner, system, tasks, new_tokens):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--steps", type=int, default=6)
+  p.add_argument("--steps", type=int, default=4)
   p.add_argument("--slots", type=int, default=16)
   p.add_argument("--eta", type=int, default=2)
-  p.add_argument("--tool_s", type=float, default=0.15)
-  p.add_argument("--sigma", type=float, default=1.0)
+  p.add_argument("--tool_s", type=float, default=0.3)
+  p.add_argument("--sigma", type=float, default=1.2)
   a = p.parse_args(argv)
   print(json.dumps(run(steps=a.steps, slots=a.slots, eta=a.eta, tool_s=a.tool_s,
                        sigma=a.sigma), indent=1))
