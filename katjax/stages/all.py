@@ -42,7 +42,7 @@ from katjax.stages import figure
 from katjax.train.config import parse
 
 STAGES = ("base", "mid", "sft", "rft", "rl")
-__all__ = ["STAGES", "run", "prepare"]
+__all__ = ["STAGES", "run", "prepare", "upweight_args"]
 
 
 def run(config, workdir: str) -> dict:
@@ -143,6 +143,8 @@ def _train(stage, config, sdir, prev, p):
     path = os.path.join(os.path.dirname(sdir), "data", f"{stage}.jsonl")
     data = (load_mid if stage == "mid" else load_sft)(path, tok, c.data.seq_len,
                                                       on_error=c.data.on_error)
+    if stage == "sft":
+      data = upweight_args(data, tok, p.sft_arg_weight)
     print(f"[all] {stage}: {data.stats.sequences} sequences, {data.stats.loss_tokens} loss "
           f"tokens, {c.train.steps} steps")
     summary = train_lm(c, sdir, data, None, tokenizer=tok)
@@ -157,6 +159,28 @@ def _train(stage, config, sdir, prev, p):
   summary = rl_stage.train_rl(c, sdir, rft=rft)
   curve = {str(k): v for k, v in sorted(summary["reward_mean"].items())}
   return summary["state"].params, {"reward_curve": curve}
+
+
+def upweight_args(data, tokenizer, weight: int):
+  """SFT rows whose trained targets that are a key or a value (one BPE token each, the
+  tokens an episode copies from the question or a tool result) weigh `weight` (> 1: copying
+  is a few tokens of each episode, the format all the rest, and plain SFT then learns the
+  format long before it learns to copy)."""
+  if int(weight) != weight or weight < 1:
+    raise ValueError(f"pipeline.sft_arg_weight must be an integer >= 1, got {weight!r}")
+  if weight == 1:
+    return data
+  import numpy as np
+  from katjax.data.pipeline import PackedData
+  ids = set()
+  for text in list(lookup.KEYS) + [str(v) for v in range(10, 100)]:
+    enc = tokenizer.encode(text)
+    if len(enc) == 1:
+      ids.add(enc[0])
+  rows = dict(data.rows)
+  hit = np.isin(rows["targets"], np.fromiter(ids, np.int32)) & (rows["weights"] > 0)
+  rows["weights"] = np.where(hit, rows["weights"] * int(weight), rows["weights"]).astype(np.int32)
+  return PackedData(rows, data.stats, data.errors)
 
 
 def _stage_config(config, steps, lr):

@@ -190,6 +190,9 @@ class PipelineConfig:
   mid_lr: float = 3e-3
   sft_steps: int = 120
   sft_lr: float = 2e-3
+  # SFT loss weight of the answer-bearing tokens (keys and values the expert copies into
+  # lookup/submit arguments) relative to the format tokens (1: plain SFT)
+  sft_arg_weight: int = 1
   rft_steps: int = 10
   rft_lr: float = 5e-4
   rl_steps: int = 20

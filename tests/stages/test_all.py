@@ -80,3 +80,27 @@ def test_table_and_figure_from_stage_metrics(tmp_path):
   assert text.splitlines()[2].startswith("base") and "0.400" in text.splitlines()[-1]
   png = figure.draw(results, str(tmp_path / "f.png"))
   assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sft_arg_weight_upweights_exactly_the_copied_keys_and_values(tmp_path):
+  from katjax.data import load_sft
+  from katjax.stages import all as all_stage
+  config = _config()
+  config.pipeline.sft_episodes = 40
+  paths = all_stage.prepare(config, str(tmp_path))
+  tok = all_stage._tokenizer(paths["tokenizer"])
+  plain = load_sft(paths["sft"], tok, 768)
+  heavy = all_stage.upweight_args(plain, tok, 5)
+  assert all_stage.upweight_args(plain, tok, 1) is plain
+  copied = set(lookup.KEYS) | {str(v) for v in range(10, 100)}
+  t, w = plain.rows["targets"], plain.rows["weights"]
+  n_args = 0
+  for r in range(t.shape[0]):  # per token, from the decoded text (not the code's id set)
+    for j in range(t.shape[1]):
+      is_arg = bool(w[r, j]) and tok.decode([int(t[r, j])]) in copied
+      n_args += is_arg
+      assert heavy.rows["weights"][r, j] == w[r, j] * (5 if is_arg else 1)
+  # every episode copies at least one key and one value; the format stays most tokens
+  assert 2 * 40 <= n_args < w.sum() / 4
+  with pytest.raises(ValueError, match="sft_arg_weight"):
+    all_stage.upweight_args(plain, tok, 0)
