@@ -25,7 +25,7 @@ TEMPLATE = """#!/bin/bash
 {extra}set -euo pipefail
 cd {repo}
 # Process 0 (the coordinator) runs on the job's first node; every node runs one process.
-head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads it all: no SIGPIPE under pipefail
 export JAX_COORDINATOR_ADDRESS="$head:{port}"
 export JAX_NUM_PROCESSES="$SLURM_NNODES"
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \\
