@@ -18,6 +18,7 @@ stays one JAX program (multi-controller across hosts), submitted as a "train" ta
 
 from __future__ import annotations
 
+import abc
 import collections
 import concurrent.futures
 import dataclasses
@@ -42,7 +43,7 @@ class Resource:
 _PRIORITY = {"train": 0}  # lower runs first; every other tag is 1
 
 
-class _Dispatcher:
+class _Dispatcher(abc.ABC):
   """Queue + slot accounting shared by the backends; `_launch` is the backend's part."""
 
   def __init__(self, resources):
@@ -126,8 +127,9 @@ class _Dispatcher:
       self._count[name, tag] += 1
     self._dispatch()
 
+  @abc.abstractmethod
   def _launch(self, name, tag, fn, args, kwargs, future) -> None:
-    raise NotImplementedError
+    """Run fn on resource `name`; complete `future`; call `_release` when it ends."""
 
 
 class ThreadScheduler(_Dispatcher):

@@ -67,9 +67,9 @@ class Sandbox(abc.ABC):
   def close(self) -> None:
     """Kills everything and deletes the workdir. Safe to call twice."""
 
+  @abc.abstractmethod
   def reset(self) -> None:
     """Kills every process of the sandbox and empties its workdir, keeping it open (pools)."""
-    raise NotImplementedError(f"{type(self).__name__} cannot be reset; close it instead")
 
   def __enter__(self):
     return self
