@@ -54,10 +54,14 @@ def forward(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None, 
 
 
 def hidden_states(cfg: ModelConfig, params, tokens, positions=None, subtree_end=None,
-                  tiles=None):
+                  tiles=None, mesh=None):
   """`forward` without the output projection: (final hidden states float[B, T, d] in the
-  compute dtype, output projection float[d, V]); logits = hidden @ projection."""
-  hidden = Decoder(cfg, head=False).apply({"params": params}, tokens,
+  compute dtype, output projection float[d, V]); logits = hidden @ projection.
+
+  mesh: a Mesh with a `sequence` axis of n > 1 devices runs attention sequence-parallel over
+  it (T % n == 0; see `katjax.model.ring_attention`); call under `jax.jit`.
+  """
+  hidden = Decoder(cfg, head=False, mesh=mesh).apply({"params": params}, tokens,
                                           *_default_rows(tokens, positions, subtree_end), tiles)
   return hidden, decoder.head_weights(cfg, params)
 

@@ -9,6 +9,9 @@ implementations share that rule:
   it per query chunk against the keys up to the chunk (`prefix_dense_attention`).
 - `tile_attention` (its own module): flash-style over a host-made list of the tiles that hold
   visible pairs, for tree rows; chosen when the caller passes the list.
+- `ring_attention` (its own module): the row's tokens sharded over the mesh axis `sequence`,
+  keys and values passed around the ring of those devices; chosen when the caller passes a
+  mesh whose `sequence` axis has more than one device (context parallelism).
 - `blockwise_attention`: flash-style online softmax, `lax.scan` over key blocks, a custom VJP
   that recomputes scores blockwise, so neither pass materialises a T x T buffer; blocks that
   the intervals rule out (future keys, finished subtrees) are skipped with `lax.cond`.
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from katjax.model.ring_attention import ring_attention, sequence_size
 from katjax.model.tile_attention import tile_attention
 
 _NEG = -1e30  # finite "minus infinity": keeps exp() and max() free of NaNs
@@ -36,15 +40,19 @@ def visible(q_index, k_index, subtree_end):
 
 
 def attention(q, k, v, subtree_end, *, impl="auto", block=512, dense_max_len=1024,
-              q_index=None, tiles=None):
+              q_index=None, tiles=None, mesh=None):
   """Dispatch: out float[B, Tq, H, D]. `q_index` defaults to arange(Tq) (self-attention).
 
   tiles int32[B, N, 2]: a tile list from `tile_attention.attention_tiles(subtree_end,
   block)`; given, `tile_attention` computes only those tiles (whatever `impl`).
+  mesh: a `jax.sharding.Mesh` whose `sequence` axis has n > 1 devices: the row is split
+  over them and `ring_attention` runs (ahead of `impl` and `tiles`, which see a whole row).
   """
   tq = q.shape[1]
   if q_index is not None:
     return dense_attention(q, k, v, subtree_end, q_index)
+  if sequence_size(mesh) > 1:
+    return ring_attention(q, k, v, subtree_end, mesh=mesh, block=block)
   if tiles is not None:
     return tile_attention(q, k, v, subtree_end, tiles, block=block)
   if impl == "dense" or (impl == "auto" and tq <= dense_max_len):

@@ -10,6 +10,8 @@ and per-layer caches (see its docstring for why).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  mesh: Any = None  # a Mesh with sequence > 1: ring attention over that axis
 
   @nn.compact
   def __call__(self, x, positions, subtree_end, cache, cache_index, tiles=None):
@@ -72,7 +75,7 @@ class Attention(nn.Module):
     if cache is None:
       out = attention(q, k, v, subtree_end, impl=cfg.attention_impl,
                       block=cfg.attention_block, dense_max_len=cfg.dense_max_len,
-                      tiles=tiles)
+                      tiles=tiles, mesh=self.mesh)
     else:
       # Prefill/decode: write this chunk's keys at cache_index per row, then attend over this
       # layer's cache (subtree_end is unused: every slot up to the query's own is visible).
@@ -105,12 +108,13 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
   cfg: ModelConfig
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, carry, positions, subtree_end, cache_index, tiles=None):
     x, cache = carry  # cache: this layer's {"k", "v"} or None
     cfg = self.cfg
-    h, cache = Attention(cfg, name="attn")(
+    h, cache = Attention(cfg, self.mesh, name="attn")(
         RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x),
         positions, subtree_end, cache, cache_index, tiles)
     x = x + h
@@ -124,11 +128,14 @@ class Decoder(nn.Module):
   With `head=False`: the final (normed) hidden states [B, T, d] in the compute dtype instead,
   for losses that apply the output projection themselves (`head_weights`). `tiles`
   int32[B, N, 2]: the tile list of `tile_attention.attention_tiles(subtree_end,
-  cfg.attention_block)`; given, attention runs over those tiles only.
+  cfg.attention_block)`; given, attention runs over those tiles only. `mesh`: a
+  `jax.sharding.Mesh` whose `sequence` axis has n > 1 devices makes attention sequence-
+  parallel over it (`ring_attention`; everything else is per token); None: plain attention.
   """
 
   cfg: ModelConfig
   head: bool = True
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, tokens, positions, subtree_end, tiles=None):
@@ -142,7 +149,8 @@ class Decoder(nn.Module):
                      in_axes=(nn.broadcast,) * 4,
                      length=cfg.n_layers, unroll=min(cfg.scan_unroll, cfg.n_layers),
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, _), _ = layers(cfg, name="layers")((x, None), positions, subtree_end, None, tiles)
+    (x, _), _ = layers(cfg, self.mesh, name="layers")((x, None), positions, subtree_end, None,
+                                                      tiles)
     x = _final_norm(cfg)(x)
     if not self.head:
       return x

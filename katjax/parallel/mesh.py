@@ -1,6 +1,6 @@
 """Device meshes and sharding by logical axis names.
 
-`make_mesh(data, fsdp, tensor)` lays the available devices out on the three mesh axes;
+`make_mesh(data, fsdp, tensor, sequence)` lays the available devices out on the mesh axes;
 `logical_sharding` turns a tuple of logical names plus a shape into a `NamedSharding`,
 dropping any mesh axis that does not divide its dimension (replication instead of an error),
 and never using one mesh axis twice in an array.
@@ -17,11 +17,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from katjax.parallel.rules import DEFAULT_RULES, MESH_AXES, mesh_axes_for
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  """Mesh with axes ("data", "fsdp", "tensor") over all `devices` (default: every device of
-  every process); one size may be -1 (= the remaining devices)."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1,
+              devices=None) -> Mesh:
+  """Mesh with axes `MESH_AXES` ("data", "fsdp", "sequence", "tensor") over all `devices`
+  (default: every device of every process); one size may be -1 (= the remaining devices).
+
+  sequence > 1 splits each tree row's tokens over that many devices (context parallelism,
+  `katjax.model.ring_attention`); the default 1 leaves every array whole along its length.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = [data, fsdp, tensor]
+  by_name = {"data": data, "fsdp": fsdp, "sequence": sequence, "tensor": tensor}
+  sizes = [by_name[a] for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f"make_mesh: at most one axis may be -1, got {sizes}")
   known = math.prod(s for s in sizes if s != -1)
@@ -109,11 +115,21 @@ def train_state_shardings(optimizer, abstract_state, params_shardings, mesh: Mes
       opt_state=opt_state_shardings(optimizer, abstract_state.opt_state, params_shardings, mesh))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
-  """Sharding for a batch array [B, T, ...]: batch over data*fsdp, the rest replicated."""
-  axes = tuple(a for a in mesh_axes_for("batch", rules) if mesh.shape[a] > 1)
-  first = None if not axes else axes[0] if len(axes) == 1 else axes
-  return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES, *,
+                   length: bool = False) -> NamedSharding:
+  """Sharding for a batch array [B, T, ...]: batch over data*fsdp, the rest replicated.
+
+  length=True: T too, over the "length" rule's axes (`sequence`), as the RL tree step takes
+  its rows; T must then be a multiple of the sequence axis size.
+  """
+  def spec(logical):
+    axes = tuple(a for a in mesh_axes_for(logical, rules) if mesh.shape[a] > 1)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+  rest = [None] * (ndim - 1)
+  if length and ndim >= 2:
+    rest[0] = spec("length")
+  return NamedSharding(mesh, PartitionSpec(spec("batch"), *rest))
 
 
 def shard_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):

@@ -131,7 +131,8 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   run = parse(config)
   rl, tc = run.rl, run.train
   tokenizer = make_tokenizer(config, workdir)
-  _check_batch(rl, make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor))
+  _check_batch(rl, make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor,
+                             sequence=run.mesh.sequence))
   tasks = load_rl_tasks(rl)
   if len(tasks) < rl.tasks_per_step:
     raise ValueError(f"{len(tasks)} tasks, fewer than rl.tasks_per_step={rl.tasks_per_step}")

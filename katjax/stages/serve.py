@@ -35,7 +35,8 @@ def run(config, workdir: str) -> dict:
   mesh = None
   if jax.device_count() > 1:
     from katjax.parallel import make_mesh
-    mesh = make_mesh(run_cfg.mesh.data, run_cfg.mesh.fsdp, run_cfg.mesh.tensor)
+    mesh = make_mesh(run_cfg.mesh.data, run_cfg.mesh.fsdp, run_cfg.mesh.tensor,
+                     sequence=run_cfg.mesh.sequence)
   max_len = opts.max_len or _context(run_cfg.serve.checkpoint or run_cfg.init_from)
   sampler = Sampler(cfg, params, max_len=max_len, tokenizer=tokenizer, mesh=mesh,
                     max_batch=opts.max_batch, chunk=opts.chunk)

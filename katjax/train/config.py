@@ -76,6 +76,14 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  # Devices a tree row's tokens are split over (context parallelism: the RL tree step's
+  # attention runs as a ring over them, `katjax.model.ring_attention`); rl.row_tokens must
+  # be a multiple of it.
+  sequence: int = 1
+
+  def __post_init__(self):
+    if not isinstance(self.sequence, int) or self.sequence < 1:
+      raise ValueError(f"config.mesh.sequence={self.sequence!r} must be a positive int")
 
 
 @dataclasses.dataclass(frozen=True)

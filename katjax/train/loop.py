@@ -38,7 +38,8 @@ def train_lm(config, workdir: str, train_data: PackedData, eval_data: PackedData
   it = make_iterator(batch_dataset(train_data, run.data.batch_size, seed=run.data.seed))
   # Fail on a batch the mesh cannot split before any weight is read.
   _check_batch_fits_mesh(run.data.batch_size, tc.micro_batches,
-                         make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor))
+                         make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor,
+                                   sequence=run.mesh.sequence))
   tr = Trainer.setup(config, workdir, it, tokenizer, params=params, verbose=verbose)
   state, batch_sh = tr.state, tr.batch_sharding
   loss_fn = functools.partial(lm_loss, tr.cfg)

@@ -57,7 +57,8 @@ class Trainer:
     """
     run = parse(config)
     cfg, tc = run.model, run.train
-    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor,
+                     sequence=run.mesh.sequence)
     optimizer = make_optimizer(run.optimizer)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(tc.seed))
     ckpt = Checkpointer(os.path.join(workdir, init_from_lib.CHECKPOINTS), keep=tc.keep,
