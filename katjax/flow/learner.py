@@ -28,12 +28,15 @@ class TreeLearner:
   def __init__(self, model_cfg, state, optimizer, loss_cfg, *, num_rows: int, row_tokens: int,
                prune_cfg: PruneConfig = PruneConfig(), step_fn=None, batch_sharding=None):
     """step_fn / batch_sharding: a sharded tree step and the batch's sharding (the RL
-    stage's, from its Trainer); default a plain jitted step on one device."""
+    stage's, from its Trainer); default a plain jitted step on one device. A sharding over
+    a mesh with a `sequence` axis makes the proximal pass sequence-parallel too."""
     self.model_cfg, self.state, self.loss_cfg = model_cfg, state, loss_cfg
     self.num_rows, self.row_tokens, self.prune_cfg = num_rows, row_tokens, prune_cfg
     self._step = step_fn or make_tree_step(model_cfg, loss_cfg, optimizer)
     self._sharding = batch_sharding
-    self._prox = jax.jit(lambda params, batch: tree_logprobs(model_cfg, params, batch)[0])
+    mesh = getattr(batch_sharding, "mesh", None)
+    self._prox = jax.jit(lambda params, batch: tree_logprobs(model_cfg, params, batch,
+                                                            mesh)[0])
 
   @property
   def params(self):

@@ -25,7 +25,7 @@ import numpy as np
 from katjax.core.advantages import grpo_advantages
 from katjax.core.prune import PruneConfig, prune_batch
 from katjax.envs.base import load_tasks, make_env
-from katjax.parallel import make_mesh, replicated
+from katjax.parallel import batch_sharding, make_mesh, replicated
 from katjax.rollout.agent import AgentLimits
 from katjax.rollout.batch import run_episodes
 from katjax.rollout.sampler import Sampler, SamplingParams
@@ -148,8 +148,10 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   tr = Trainer.setup(config, workdir, it, tokenizer, verbose=verbose)
   loss_cfg = rl.policy_loss()  # rl.norm, once: the tree weights, the loss and pruning
   prune_cfg = PruneConfig(selector=rl.prune_selector, norm=loss_cfg.norm, seed=tc.seed)
+  # Rows over data x fsdp, each row's tokens over `sequence` (context parallelism, if > 1).
+  tree_sh = batch_sharding(tr.mesh, 2, length=True)
   step_fn = make_tree_step(tr.cfg, loss_cfg, tr.optimizer, state_shardings=tr.state_shardings,
-                           batch_sharding=tr.batch_sharding, out_sharding=replicated(tr.mesh))
+                           batch_sharding=tree_sh, out_sharding=replicated(tr.mesh))
   state = tr.state
   sampler = Sampler(tr.cfg, state.params, max_len=rl.max_tokens, tokenizer=tokenizer)
   summary = {"start_step": tr.start, "reward_mean": {}, "loss": {}, "workdir": workdir}
@@ -160,7 +162,7 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
     t1 = time.perf_counter()
     batch, info = prune_batch(groups, rl.num_rows, rl.row_tokens, prune_cfg,
                               norm=prune_cfg.norm)
-    arrays = jax.device_put(batch.arrays(), tr.batch_sharding)
+    arrays = jax.device_put(batch.arrays(), tree_sh)
     state, metrics = step_fn(state, arrays)
     mfu.add(arrays)
     sampler.update_weights(state.params)
@@ -188,6 +190,10 @@ def _check_batch(rl: RLConfig, mesh) -> None:
   if rl.num_rows % shards:
     raise ValueError(f"rl.num_rows={rl.num_rows} cannot be split over the {shards} data x "
                      f"fsdp devices of mesh {dict(mesh.shape)}")
+  if rl.row_tokens % mesh.shape["sequence"]:
+    raise ValueError(f"rl.row_tokens={rl.row_tokens} is not divisible by "
+                     f"mesh.sequence={mesh.shape['sequence']}: each tree row's tokens are "
+                     f"split evenly over the sequence devices")
   if rl.max_tokens > rl.row_tokens:
     raise ValueError(f"rl.max_tokens={rl.max_tokens} > rl.row_tokens={rl.row_tokens}: a "
                      f"whole trajectory must fit one row of the tree batch")

@@ -24,7 +24,7 @@ from katjax.envs.base import make_env
 from katjax.flow.learner import TreeLearner
 from katjax.flow.loop import FlowConfig, TaskFeeder, resume_state, run_flow
 from katjax.flow.trajectories import TrajectoryManager
-from katjax.parallel import replicated
+from katjax.parallel import batch_sharding, replicated
 from katjax.rollout.agent import AgentLimits, run_episode
 from katjax.rollout.engine import Engine
 from katjax.rollout.sampler import Sampler, SamplingParams
@@ -67,11 +67,11 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
   requeued = resume_state(manager, feeder, flow_state.snapshot) if tr.start else 0
   manager.set_version(tr.start)
   loss_cfg = rl.policy_loss()
+  tree_sh = batch_sharding(tr.mesh, 2, length=True)  # tokens over `sequence`, if > 1
   step_fn = make_tree_step(tr.cfg, loss_cfg, tr.optimizer, state_shardings=tr.state_shardings,
-                           batch_sharding=tr.batch_sharding, out_sharding=replicated(tr.mesh))
+                           batch_sharding=tree_sh, out_sharding=replicated(tr.mesh))
   learner = TreeLearner(tr.cfg, tr.state, tr.optimizer, loss_cfg, num_rows=rl.num_rows,
-                        row_tokens=rl.row_tokens, step_fn=step_fn,
-                        batch_sharding=tr.batch_sharding,
+                        row_tokens=rl.row_tokens, step_fn=step_fn, batch_sharding=tree_sh,
                         prune_cfg=PruneConfig(selector=rl.prune_selector, norm=loss_cfg.norm,
                                               seed=tc.seed))
   # The engine gets a copy: the train step donates the state's buffers.

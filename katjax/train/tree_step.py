@@ -55,17 +55,7 @@ def tree_logprobs(model_cfg, params, batch, mesh=None):
   Through the output projection in chunks of tokens (`head_logprobs`): the [R, S, vocab]
   logits are never stored, forward or backward. mesh: as `make_tree_loss_fn`.
   """
-  n = sequence_size(mesh)
-  if n > 1:
-    s = batch["tokens"].shape[1]
-    if s % n:
-      raise ValueError(f"tree batch: row length {s} is not divisible by the mesh's sequence "
-                       f"axis of {n} devices; make the rows a multiple of {n} tokens "
-                       f"(rl.row_tokens)")
-    if "attention_tiles" in batch:
-      raise ValueError("tree batch: attention_tiles list tiles of whole rows; with the "
-                       f"sequence axis of {n} devices the rows are split (ring attention): "
-                       "leave attention_tiles out of the batch")
+  check_sequence_batch(batch, sequence_size(mesh))
   h, w = hidden_states(model_cfg, params, batch["tokens"], batch["positions"],
                        batch["subtree_end"], batch.get("attention_tiles"), mesh)
   return head_logprobs(h, w, batch)
@@ -89,5 +79,37 @@ def make_tree_step(model_cfg, loss_cfg: PolicyLossConfig, optimizer, *, state_sh
                            optimizer=optimizer, micro_batches=micro_batches)
   if state_shardings is None:
     return jax.jit(step, donate_argnums=0)
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, out_sharding), donate_argnums=0)
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, out_sharding), donate_argnums=0)
+  return jitted if mesh is None else _CheckedStep(jitted, sequence_size(mesh))
+
+
+def check_sequence_batch(batch, n: int) -> None:
+  """ValueError unless a tree batch can be split over a sequence axis of n devices."""
+  if n <= 1:
+    return
+  s = batch["tokens"].shape[1]
+  if s % n:
+    raise ValueError(f"tree batch: row length {s} is not divisible by the mesh's sequence "
+                     f"axis of {n} devices; make the rows a multiple of {n} tokens "
+                     f"(rl.row_tokens)")
+  if "attention_tiles" in batch:
+    raise ValueError(f"tree batch: attention_tiles list tiles of whole rows; with the "
+                     f"sequence axis of {n} devices the rows are split (ring attention): "
+                     f"leave attention_tiles out of the batch")
+
+
+class _CheckedStep:
+  """The jitted sequence-parallel step, checking the batch first: jit's own error for a row
+  the axis does not divide names shardings and tiling factors, not the row and the axis."""
+
+  def __init__(self, jitted, n: int):
+    self._jitted, self._n = jitted, n
+
+  def __call__(self, state, batch):
+    check_sequence_batch(batch, self._n)
+    return self._jitted(state, batch)
+
+  def lower(self, state, batch):
+    check_sequence_batch(batch, self._n)
+    return self._jitted.lower(state, batch)
