@@ -19,7 +19,9 @@ import jax.numpy as jnp
 from katjax.model.attention import attention
 from katjax.model.config import ModelConfig
 from katjax.model.decode_attention import cached_attention, write_cache
+from katjax.model.ring_attention import sequence_size
 from katjax.model.rope import apply_rope
+from katjax.parallel.mesh import logical_sharding
 
 _INIT = nn.initializers.normal(0.02)
 
@@ -119,7 +121,7 @@ class Block(nn.Module):
         positions, subtree_end, cache, cache_index, tiles)
     x = x + h
     x = x + Mlp(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
-    return (x, cache), None
+    return (_constrain_tokens(x, self.mesh), cache), None
 
 
 class Decoder(nn.Module):
@@ -141,7 +143,7 @@ class Decoder(nn.Module):
   def __call__(self, tokens, positions, subtree_end, tiles=None):
     cfg = self.cfg
     embed = _embed(cfg)
-    x = embed(tokens)
+    x = _constrain_tokens(embed(tokens), self.mesh)
     block = Block
     if cfg.remat:
       block = nn.remat(Block, prevent_cse=False)
@@ -189,6 +191,16 @@ def head_weights(cfg: ModelConfig, params):
   if cfg.tie_embeddings:
     return params["embed"]["embedding"].T.astype(cfg.compute_dtype)
   return params["lm_head"]["kernel"].astype(cfg.compute_dtype)
+
+
+def _constrain_tokens(x, mesh):
+  """With a sequence-parallel mesh, pin activations [B, T, d] to rows over data x fsdp and
+  tokens over `sequence` (the logical ("batch", "length", "act_embed")): left alone, the
+  compiler keeps the layer scan's carry and saved residuals whole on every device."""
+  if sequence_size(mesh) == 1:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, logical_sharding(("batch", "length", "act_embed"), x.shape, mesh))
 
 
 def _rows(x):

@@ -57,7 +57,7 @@ def tree_step_memory(cfg, mesh, rows: int, row_tokens: int, *, optimizer=None,
   optimizer = optimizer or make_optimizer()
   loss_cfg = loss_cfg or PolicyLossConfig()
   state, state_sh = abstract_train_state(cfg, mesh, optimizer)
-  batch_sh = batch_sharding(mesh, 2)
+  batch_sh = batch_sharding(mesh, 2, length=True)
   batch = {k: jax.ShapeDtypeStruct((rows, row_tokens),
                                    jnp.float32 if k in _FLOAT_KEYS else jnp.int32,
                                    sharding=batch_sh) for k in DEVICE_KEYS}
