@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from katjax import model, parallel
-from katjax.plan import GIB, largest_row
+from katjax.plan import GIB, largest_row, tree_step_memory
 from katjax.plan.table import check_row_fits, format_plan, plan_mesh
 from katjax.train.state import make_optimizer
 
@@ -74,6 +74,33 @@ def test_largest_row_and_the_too_long_row_error(plan):
     check_row_fits([p], "small", devices)
   table = format_plan([p])
   assert "| (1, 2, 2) | 4 |" in table and "H100 (80 GiB): fits / largest row" in table
+
+
+def test_sequence_axis_splits_the_row(plan):
+  _, p = plan  # mesh (1, 2, 2): the same model and rows, each row whole on its devices
+  mesh = parallel.make_mesh(1, 2, 2, sequence=2)
+  q = tree_step_memory(CFG, mesh, 2, 512, optimizer=make_optimizer())
+  # the row's activations are split over the two sequence devices; the weights are not
+  assert q.temporaries < 0.75 * p.train.temporaries
+  assert q.params == p.train.params
+  with pytest.raises(ValueError, match="row_tokens=257 .* sequence axis of 2 devices"):
+    plan_mesh(CFG, mesh, row_tokens=257, decode_batch=4, cache_len=256)
+
+
+@pytest.mark.slow
+def test_sequence_mesh_plan_names_the_largest_row_that_fits():
+  mesh = parallel.make_mesh(1, 2, 2, sequence=2)
+  q = plan_mesh(CFG, mesh, row_tokens=512, decode_batch=4, cache_len=256,
+                optimizer=make_optimizer())
+  assert q.mesh == (1, 2, 2, 2) and "| (1, 2, 2, 2) | 8 |" in format_plan([q])
+  budget = (q.train_half.peak + q.train.peak) / 2 / GIB
+  devices = {"small": budget}
+  q.largest["small"] = largest_row([(256, q.train_half.peak), (512, q.train.peak)],
+                                   budget * GIB, 128)  # whole 64-token blocks on both parts
+  assert 256 <= q.largest["small"] < 512 and q.largest["small"] % 128 == 0
+  with pytest.raises(ValueError, match=r"row of 512 tokens does not fit mesh \(1, 2, 2, 2\) "
+                     rf"on small .* the largest row that fits is {q.largest['small']} tokens"):
+    check_row_fits([q], "small", devices)
 
 
 @pytest.mark.slow

@@ -2,12 +2,14 @@
 
 Compiles the RL tree step and the sampler's decode step for each mesh on fake CPU devices
 (no weights allocated) and prints per-device memory and which meshes fit TPU v5p (95 GiB),
-H200 (141 GiB) and H100 (80 GiB). `--device=H100` makes a row that does not fit an error
-naming the largest that does.
+H200 (141 GiB) and H100 (80 GiB). A fourth size is the `sequence` axis (context parallelism:
+`--mesh=1,8,8,4` splits each tree row over 4 devices). `--device=H100` makes a row that does
+not fit an error naming the largest that does.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -15,8 +17,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file")
-_MESH = flags.DEFINE_multi_string("mesh", None, "data,fsdp,tensor (repeatable); default: the "
-                                  "config's mesh")
+_MESH = flags.DEFINE_multi_string("mesh", None, "data,fsdp,tensor[,sequence] (repeatable); "
+                                  "default: the config's mesh")
 _ROW = flags.DEFINE_integer("row_tokens", None, "tree row length; default data.seq_len")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", None, "decode rows; default 8 per "
                                      "data x fsdp shard")
@@ -34,7 +36,7 @@ def main(argv):
   from katjax.train.config import parse
   run = parse(config)
   meshes = [_parse_mesh(m) for m in (_MESH.value or [_config_mesh(run)])]
-  need = max(a * b * c for a, b, c in meshes)
+  need = max(math.prod(shape) for shape in meshes)
   # Fake CPU devices, set before JAX starts its backend (the plan never runs a step).
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   flags_env = os.environ.get("XLA_FLAGS", "")
@@ -56,7 +58,7 @@ def main(argv):
   t0 = time.perf_counter()
   plans = []
   for shape in meshes:
-    mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1] * shape[2]])
+    mesh = make_mesh(*shape, devices=jax.devices()[:math.prod(shape)])
     batch = _DECODE_BATCH.value or 8 * shape[0] * shape[1]
     t = time.perf_counter()
     plans.append(plan_mesh(cfg, mesh, row_tokens=row, micro_batches=micro, decode_batch=batch,
@@ -74,8 +76,9 @@ def _parse_mesh(text: str) -> tuple:
     shape = tuple(int(x) for x in text.split(","))
   except ValueError:
     shape = ()
-  if len(shape) != 3 or min(shape) < 1:
-    raise app.UsageError(f"--mesh={text!r}: want three positive sizes data,fsdp,tensor")
+  if len(shape) not in (3, 4) or min(shape) < 1:
+    raise app.UsageError(f"--mesh={text!r}: want three or four positive sizes "
+                         f"data,fsdp,tensor[,sequence]")
   return shape
 
 
@@ -83,7 +86,7 @@ def _config_mesh(run) -> str:
   m = run.mesh
   if min(m.data, m.fsdp, m.tensor) < 1:
     raise app.UsageError(f"config.mesh {m} has a -1 size: give --mesh=data,fsdp,tensor")
-  return f"{m.data},{m.fsdp},{m.tensor}"
+  return f"{m.data},{m.fsdp},{m.tensor}" + (f",{m.sequence}" if m.sequence > 1 else "")
 
 
 if __name__ == "__main__":
