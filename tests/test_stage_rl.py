@@ -72,6 +72,15 @@ def test_rl_stage_rejects_rows_that_cannot_hold_a_trajectory(tmp_path):
     rl_stage.train_rl(c, str(tmp_path))
 
 
+def test_rl_stage_rejects_rows_the_sequence_axis_cannot_split(tmp_path):
+  c = _config(2)
+  c.mesh.update(tensor=1, sequence=8)
+  c.rl.row_tokens = 2044
+  with pytest.raises(ValueError, match=r"rl.row_tokens=2044 is not divisible by "
+                                       r"mesh.sequence=8"):
+    rl_stage.train_rl(c, str(tmp_path))
+
+
 def test_rl_stage_rejects_a_prompt_longer_than_max_tokens(tmp_path):
   c = _config(2)
   c.rl.max_tokens = 256  # the byte-level arithmetic prompt is ~960 tokens

@@ -67,6 +67,12 @@ def test_logical_spec_drops_axes_that_do_not_divide():
   assert spec == PartitionSpec("fsdp", "tensor")
   assert parallel.batch_sharding(parallel.make_mesh(2, 2, 2)).spec == PartitionSpec(
       ("data", "fsdp"), None)
+  # the length axis follows "length" -> sequence only when asked (the RL tree step's rows)
+  seq = parallel.make_mesh(2, 1, 1, sequence=4)
+  assert parallel.batch_sharding(seq).spec == PartitionSpec("data", None)
+  assert parallel.batch_sharding(seq, 2, length=True).spec == PartitionSpec("data", "sequence")
+  assert parallel.logical_spec(("batch", "length", "act_embed"), (2, 64, 8), seq) == (
+      PartitionSpec("data", "sequence", None))
 
 
 def test_make_mesh_errors_name_the_problem():
@@ -82,7 +88,11 @@ def test_make_mesh_errors_name_the_problem():
   with pytest.raises(ValueError, match="no rule"):
     parallel.logical_spec(("nonsense",), (4,), parallel.make_mesh(8, 1, 1))
   assert isinstance(parallel.replicated(parallel.make_mesh()), NamedSharding)
-  assert parallel.make_mesh().shape == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert parallel.make_mesh().shape == {"data": 8, "fsdp": 1, "sequence": 1, "tensor": 1}
+  assert parallel.make_mesh(2, sequence=4).shape == {"data": 2, "fsdp": 1, "sequence": 4,
+                                                     "tensor": 1}
+  with pytest.raises(ValueError, match="'sequence': 3"):
+    parallel.make_mesh(2, sequence=3)
   assert jnp.zeros(1).shape == (1,)
 
 

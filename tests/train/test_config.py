@@ -95,6 +95,9 @@ def test_unknown_top_level_field_and_section_checks():
     schema.parse({"rl": {"norm": "mean"}})
   with pytest.raises(ValueError, match=r"config\.model: .*n_kv_heads"):
     schema.parse({"model": {"n_heads": 4, "n_kv_heads": 3}})
+  with pytest.raises(ValueError, match=r"config\.mesh: config\.mesh\.sequence=0 must be"):
+    schema.parse({"mesh": {"sequence": 0}})
+  assert schema.parse({"mesh": {"sequence": 4}}).mesh.sequence == 4
 
 
 def test_typed_placeholders_take_values_of_their_type():
