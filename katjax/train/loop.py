@@ -82,6 +82,11 @@ def train_lm(config, workdir: str, train_data: PackedData, eval_data: PackedData
 
 def _check_batch_fits_mesh(batch_size: int, micro_batches: int, mesh) -> None:
   """Fail early, naming the fields, when a batch cannot be split over the data devices."""
+  if mesh.shape["sequence"] > 1:
+    # The sequence devices would each repeat the whole rows' work here.
+    raise ValueError(f"config.mesh.sequence={mesh.shape['sequence']} splits RL tree rows "
+                     f"(--stage=rl / rft); mid-training and SFT keep rows whole: set "
+                     f"--config.mesh.sequence=1 and give those devices to data or fsdp")
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % micro_batches or (batch_size // micro_batches) % shards:
     raise ValueError(

@@ -107,3 +107,11 @@ def test_row_not_divisible_by_the_sequence_axis_is_refused(case):
   tiles = np.zeros((ROWS, 3, 2), np.int32)
   with pytest.raises(ValueError, match="leave attention_tiles out"):
     step(state, dict(batch, attention_tiles=tiles))
+
+
+def test_mid_and_sft_refuse_the_sequence_axis():
+  from katjax.train.loop import _check_batch_fits_mesh
+  with pytest.raises(ValueError, match=r"config.mesh.sequence=2 splits RL tree rows .* set "
+                                       r"--config.mesh.sequence=1"):
+    _check_batch_fits_mesh(8, 1, make_mesh(data=4, sequence=2))
+  _check_batch_fits_mesh(8, 1, make_mesh(data=4, fsdp=2))
