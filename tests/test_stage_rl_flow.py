@@ -3,6 +3,11 @@ a resumed run trains the groups that were waiting at the checkpoint once and non
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
 
 import numpy as np
 import pytest
@@ -61,7 +66,7 @@ def test_async_rl_trains_and_resumes_without_losing_or_repeating_groups(tmp_path
   assert len(run2) == len(set(run2)) == 2
   assert waiting <= set(run2)  # what was waiting at the checkpoint is trained after resume
   logged = [json.loads(line) for line in open(tmp_path / "logs" / "metrics.jsonl")]
-  assert [m["step"] for m in logged] == [1, 2, 3, 4]
+  assert [m["step"] for m in logged if m["split"] == "train"] == [1, 2, 3, 4]
 
 
 def test_async_mode_bad_config():
@@ -69,3 +74,116 @@ def test_async_mode_bad_config():
   c.rl.eta = -1
   with pytest.raises(ValueError, match="config.rl.eta"):
     rl_stage.train_rl(c, "/nonexistent")
+
+
+# --- a real kill -9 of `python -m katjax.launch --stage=rl --config.rl.mode=async` ----------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 7
+KILL_CMD = [sys.executable, "-m", "katjax.launch", "--stage=rl",
+            f"--config={os.path.join(ROOT, 'configs', 'rl_tiny.py')}", "--config.rl.mode=async",
+            f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=2",
+            "--config.train.keep=10", "--config.rl.eta=2", "--config.rl.rollout_slots=4",
+            "--config.rl.tasks_per_step=1", "--config.rl.group_size=2",
+            "--config.rl.max_turns=1", "--config.rl.max_new_tokens=8",
+            "--config.rl.max_tokens=1024", "--config.rl.num_rows=1",
+            "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=-1"]
+
+
+def _records(path, split="flow"):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = [json.loads(line) for line in f if line.endswith("\n")]  # a torn last line: skip
+  return [r for r in lines if r["split"] == split]
+
+
+def _complete_checkpoints(workdir):
+  d = os.path.join(workdir, "checkpoints")  # orbax renames "N.orbax-checkpoint-tmp-*" to "N"
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _crc(token_lists):
+  """Independent of the code under test: crc32 over (int32 length, int32 ids) per list."""
+  crc = 0
+  for t in token_lists:
+    a = np.asarray(t, np.int32)
+    crc = zlib.crc32(np.int32(a.size).tobytes() + a.tobytes(), crc)
+  return crc
+
+
+def _saved_ready_groups(workdir, step):
+  """(id, fingerprint, min, max trained version) of each finished, untrained group in the
+  flow state of checkpoint `step`, computed from the saved token records."""
+  path = os.path.join(workdir, "checkpoints", str(step), "data", "process_0-of-1.json")
+  with open(path) as f:
+    saved = json.load(f)
+  groups = []
+  for gid in saved["manager"]["ready"]:
+    branches = [b for s in saved["manager"]["groups"][str(gid)]
+                for b in saved["manager"]["sessions"][s]["branches"]]
+    versions = [v for b in branches for v, m in zip(b["version"], b["loss_mask"]) if m]
+    groups.append((gid, _crc([b["tokens"] for b in branches]), min(versions), max(versions)))
+  return saved["manager"], groups
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_loses_no_finished_group_and_trains_none_twice(tmp_path):
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             **compile_cache.env(tmp_path / "jax_cache"))
+  cmd = KILL_CMD + [f"--workdir={workdir}"]
+  metrics = os.path.join(workdir, "logs", "metrics.jsonl")
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  try:
+    # Kill once a checkpoint exists and a step after it has been trained.
+    while time.time() < deadline and proc.poll() is None:
+      done = [r["step"] for r in _records(metrics)]
+      ckpts = _complete_checkpoints(workdir)
+      if ckpts and done and max(done) > ckpts[-1]:
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+  finally:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+  first = _records(metrics)
+  at = _complete_checkpoints(workdir)[-1]  # what the rerun resumes from
+  assert 1 <= at < STEPS and max(r["step"] for r in first) > at
+  saved, waiting = _saved_ready_groups(workdir, at)
+  assert waiting, "no finished group was waiting at the checkpoint: nothing to test"
+
+  res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert f"resumed from step {at}" in res.stdout + res.stderr
+  second = _records(metrics)[len(first):]
+
+  key = lambda g: (g["id"], g["fingerprint"], *g["versions"])  # noqa: E731
+  before = [key(g) for r in first if r["step"] <= at for g in r["groups"]]
+  after = [key(g) for r in second for g in r["groups"]]
+  assert sorted(r["step"] for r in first if r["step"] <= at) == list(range(1, at + 1))
+  assert [r["step"] for r in second] == list(range(at + 1, STEPS + 1))
+  assert len(after) == len(set(after)) == STEPS - at  # one group per step, none twice
+  # Nothing lost: every group waiting at the checkpoint is trained after the resume, with
+  # the very tokens and versions it was saved with.
+  assert set(waiting) <= set(after)
+  # Nothing repeated: no group trained up to the checkpoint is trained again (by id or
+  # content).
+  assert not {g[0] for g in before} & {g[0] for g in after}
+  assert not {g[1] for g in before} & {g[1] for g in after}
+  # The counters continue: the policy version of each step, the group ids, and the version
+  # of every token generated after the resume (the engine starts at the checkpoint's).
+  assert saved["version"] == at
+  assert [r["version"] for r in second] == [r["step"] - 1 for r in second]
+  fresh = [g for g in after if g not in waiting]  # generated after the resume
+  assert fresh and all(g[0] >= saved["next_group"] for g in fresh)
+  for r in second:
+    for g in r["groups"]:
+      lo, hi = g["versions"]
+      assert hi <= r["step"] - 1  # no token from a version newer than the step's weights
+      if g["id"] >= saved["next_group"]:
+        assert lo >= at, (r, at)
+  assert _complete_checkpoints(workdir)[-1] == STEPS

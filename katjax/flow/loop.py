@@ -68,8 +68,9 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
 
   engine: `Engine`-like (thread-safe `generate`, `update_weights`, `version`, `snapshot`);
   tasks: a list cycled in order; learner: `train(groups) -> (params, metrics)`;
-  on_step(step, metrics, manager): called after each published update (e.g. checkpoint).
-  manager / feeder / start_step: a restored run's state (`resume_state` prepares them).
+  on_step(step, metrics, state): called after each published update with the flow's
+  state at that point ({"manager", "feeder"}, what `resume_state` loads), e.g. to checkpoint it
+  with the train state. manager / feeder / start_step: a restored run's state.
   """
   manager = manager or TrajectoryManager(cfg.group_size, cfg.groups_per_step,
                                          eta=cfg.effective_eta)
@@ -79,6 +80,9 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
   stop = threading.Event()
   wake = threading.Condition()
   counters = collections.Counter()
+  # Held while the task order and the manager change together (a group admitted, a dead
+  # episode's task requeued), so a snapshot never has one without the other.
+  admit = threading.Lock()
   failures = []  # the errors of the current run of consecutive failed episodes
 
   def episode(task, session, seed):
@@ -89,8 +93,9 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
     except Exception as e:  # noqa: BLE001 - a dead agent is counted and its task rescheduled
       counters["failed_episodes"] += 1
       failures.append(e)
-      if session in manager.sessions:
-        state.requeue(manager.abort(session))
+      with admit:
+        if session in manager.sessions:
+          state.requeue(manager.abort(session))
     with wake:
       wake.notify_all()
 
@@ -106,9 +111,10 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
           wake.wait(0.05)
       if stop.is_set() or len(failures) >= cfg.max_failed_episodes:
         return
-      task, key = state.next()
-      sessions = [f"{key}/{g}" for g in range(cfg.group_size)]
-      manager.start_group(key, sessions)
+      with admit:
+        task, key = state.next()
+        sessions = [f"{key}/{g}" for g in range(cfg.group_size)]
+        manager.start_group(key, sessions)
       for g, s in enumerate(sessions):
         sched.submit("rollout", episode, task, s, zlib.crc32(s.encode()) % (2**31))
 
@@ -141,7 +147,9 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
       metrics.update(info, reward_mean=float(np.mean([t.reward for g in groups for t in g])))
       steps.append(metrics)
       if on_step is not None:
-        on_step(step + 1, metrics, manager)
+        with admit:
+          snapshot = {"manager": manager.state_dict(), "feeder": state.get_state()}
+        on_step(step + 1, metrics, snapshot)
   finally:
     stop.set()
     with wake:
@@ -152,6 +160,7 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
     sched.shutdown()
   snap = engine.snapshot() if hasattr(engine, "snapshot") else {}
   return {"mode": cfg.mode, "eta": cfg.effective_eta, "steps": len(steps), "wall_s": wall,
+          "trajectories": n_traj, "tasks": usage["tasks"],
           "trajectories_per_s": n_traj / wall, "tokens_per_s": n_tokens / wall,
           "trainer_bubble": waited / wall,
           "rollout_idle": 1.0 - usage["busy"]["agents"]["rollout"] / cfg.rollout_slots,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import zlib
 
 import numpy as np
 
@@ -229,24 +230,31 @@ class TrajectoryManager:
 
     groups: per task, one Trajectory per branch of each of its sessions. info: staleness
     (mean over trained tokens of current version - the version that generated the token)
-    and max_staleness. The groups leave the buffer: each is trained exactly once.
+    and max_staleness; version (the manager's, which the step trains at); lineage: per
+    group {"id", "fingerprint" (`fingerprint` of its trajectories' tokens), "versions"
+    ([min, max] version of its trained tokens)}, what a run logs to show which data each step
+    consumed. The groups leave the buffer: each is trained exactly once.
     """
     with self._lock:
       if len(self.ready) < self.batch_groups:
         return None
       take, self.ready = self.ready[:self.batch_groups], self.ready[self.batch_groups:]
-      groups, lags = [], []
+      groups, lags, lineage = [], [], []
       for gid in take:
-        group = []
+        group, versions = [], []
         for s in self.groups.pop(gid):
           sess = self.sessions.pop(s)
           for b in sess.branches:
-            lags += [self.version - v for v in b.trained_versions()]
+            versions += b.trained_versions()
             group.append(b.to_trajectory(sess.reward, gid))
+        lags += [self.version - v for v in versions]
         groups.append(group)
+        lineage.append({"id": gid, "fingerprint": fingerprint([t.tokens for t in group]),
+                        "versions": [min(versions, default=0), max(versions, default=0)]})
       self.stats["trained_groups"] += len(take)
       info = {"staleness": float(np.mean(lags)) if lags else 0.0,
-              "max_staleness": int(max(lags, default=0))}
+              "max_staleness": int(max(lags, default=0)), "version": self.version,
+              "lineage": lineage}
       return groups, info
 
   def branches(self, session: str) -> list[Branch]:
@@ -322,6 +330,15 @@ class RecordingBackend:
                             getattr(comp, "entropy", None),
                             version=version)
     return outs
+
+
+def fingerprint(token_lists) -> int:
+  """crc32 of a group's token ids (int32, each list length-prefixed): names its content."""
+  crc = 0
+  for tokens in token_lists:
+    arr = np.asarray(tokens, np.int32)
+    crc = zlib.crc32(np.int32(arr.size).tobytes() + arr.tobytes(), crc)
+  return crc
 
 
 def _best_branch(branches, prompt) -> tuple[int | None, int]:

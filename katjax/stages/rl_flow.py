@@ -33,15 +33,11 @@ from katjax.train.tree_step import make_tree_step
 
 
 class FlowState:
-  """The flow's part of a checkpoint (saved as the Trainer's data-iterator state): a snapshot
-  taken right after a step, so it matches the saved train state even when the save is async."""
+  """The flow's part of a checkpoint (saved as the Trainer's data-iterator state): the
+  snapshot `run_flow` takes right after a step, so it matches the saved train state."""
 
   def __init__(self, manager: TrajectoryManager, feeder: TaskFeeder):
-    self.manager, self.feeder = manager, feeder
-    self.snapshot = self.capture()
-
-  def capture(self) -> dict:
-    return {"manager": self.manager.state_dict(), "feeder": self.feeder.get_state()}
+    self.snapshot = {"manager": manager.state_dict(), "feeder": feeder.get_state()}
 
   def get_state(self) -> dict:
     return self.snapshot
@@ -92,12 +88,15 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
 
   summary = {"start_step": tr.start, "reward_mean": {}, "loss": {}, "workdir": workdir}
 
-  def on_step(done, metrics, mgr):
+  def on_step(done, metrics, snapshot):
     summary["reward_mean"][done] = metrics["reward_mean"]
     summary["loss"][done] = metrics["loss"]
-    flow_state.snapshot = flow_state.capture()
+    flow_state.snapshot = snapshot
     if tr.is_log_step(done):
       tr.log.write(done, {k: v for k, v in metrics.items() if np.isscalar(v)})
+    # Every step: the groups it trained (ids, content fingerprints, token versions), so a
+    # run's log shows that a resume neither lost nor repeated data.
+    tr.log.record(done, "flow", {"version": metrics["version"], "groups": metrics["lineage"]})
     tr.end_step(done, learner.state, flow_state)
 
   cfg = FlowConfig(mode="async", eta=rl.eta, group_size=rl.group_size,

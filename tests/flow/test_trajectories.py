@@ -2,6 +2,7 @@
 
 import json
 import threading
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -99,7 +100,18 @@ def test_interleaved_sessions_from_threads_give_the_right_trees():
   for t in threads:
     t.join()
   groups, info = mgr.take_batch()
-  assert info == {"staleness": 0.0, "max_staleness": 0}
+  assert {k: info[k] for k in ("staleness", "max_staleness", "version")} == {
+      "staleness": 0.0, "max_staleness": 0, "version": 0}
+  # The lineage names each group by content: crc32 over (int32 length, int32 ids) per branch.
+  crcs = []
+  for g in range(2):
+    crc = 0
+    for k in range(3):
+      ids = np.asarray(expected[f"g{g}s{k}"][0], np.int32)
+      crc = zlib.crc32(np.int32(ids.size).tobytes() + ids.tobytes(), crc)
+    crcs.append(crc)
+  assert info["lineage"] == [{"id": g, "fingerprint": crcs[g], "versions": [0, 0]}
+                             for g in range(2)]
   for g, group in enumerate(groups):
     got = build_tree(group)
     for k, traj in enumerate(group):
