@@ -15,6 +15,15 @@ Three parties, one process:
 nothing runs ahead) so rollouts wait for the update and the trainer waits for the slowest
 episode of each batch. `mode="async"` admits up to eta versions ahead.
 
+Where tasks run: `scheduler` builds the tag scheduler over `flow_resources(cfg)` ("agents":
+tag rollout, `rollout_slots` slots; "trainer": tag train): in-process threads by default,
+or Ray (`RayScheduler` with the trainer local: episodes run on Ray workers, anywhere in the
+cluster). `connect(session)` gives an episode its engine backend where it runs: by default
+a `RecordingBackend` over the in-process engine; on Ray an `OpenAIClient` of the trajectory
+manager's OpenAI proxy (`katjax.flow.proxy`), which records the same ids and versions on the
+driver. Either way an episode returns (reward, info) and the driver grades it into the
+manager when its task completes.
+
 Failures: an episode that raises is aborted in the manager (its group dropped, counted) and
 its task queued again; a train step that raises is retried on the same groups (the flow
 state is untouched) up to `train_retries` times.
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 import time
 import zlib
@@ -62,8 +72,15 @@ class FlowConfig:
     return 0 if self.mode == "sync" else self.eta
 
 
+def flow_resources(cfg: FlowConfig) -> list[Resource]:
+  """The resources run_flow schedules on: the agents' rollout slots and the trainer."""
+  return [Resource("agents", {"rollout"}, slots=cfg.rollout_slots),
+          Resource("trainer", {"train"})]
+
+
 def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=None,
-             feeder=None, start_step: int = 0, on_step=None) -> dict:
+             feeder=None, start_step: int = 0, on_step=None, scheduler=ThreadScheduler,
+             connect=None) -> dict:
   """Runs cfg.steps train steps; returns throughput, bubble, idle and staleness figures.
 
   engine: `Engine`-like (thread-safe `generate`, `update_weights`, `version`, `snapshot`);
@@ -71,11 +88,15 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
   on_step(step, metrics, state): called after each published update with the flow's
   state at that point ({"manager", "feeder"}, what `resume_state` loads), e.g. to checkpoint it
   with the train state. manager / feeder / start_step: a restored run's state.
+  scheduler: resources -> a started tag scheduler (ThreadScheduler, or e.g.
+  `functools.partial(RayScheduler, local=("trainer",))`); connect: session -> the episode's
+  engine backend, built where the episode runs (picklable for Ray); default records into
+  `manager` in-process.
   """
   manager = manager or TrajectoryManager(cfg.group_size, cfg.groups_per_step,
                                          eta=cfg.effective_eta)
-  sched = ThreadScheduler([Resource("agents", {"rollout"}, slots=cfg.rollout_slots),
-                           Resource("trainer", {"train"})])
+  sched = scheduler(flow_resources(cfg))
+  connect = connect or functools.partial(RecordingBackend, engine, manager)
   state = feeder or TaskFeeder(tasks)
   stop = threading.Event()
   wake = threading.Condition()
@@ -85,12 +106,15 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
   admit = threading.Lock()
   failures = []  # the errors of the current run of consecutive failed episodes
 
-  def episode(task, session, seed):
+  def graded(session, future):
+    """The episode's task completed (on a worker thread or the Ray waiter): grade it."""
+    if future.cancelled():  # queued when the run ended: never started
+      return
     try:
-      reward, info = episode_fn(task, RecordingBackend(engine, manager, session), seed)
+      reward, info = future.result()
       manager.finish(session, reward, info)
       failures.clear()
-    except Exception as e:  # noqa: BLE001 - a dead agent is counted and its task rescheduled
+    except BaseException as e:  # noqa: BLE001 - a dead agent is counted and its task rescheduled
       counters["failed_episodes"] += 1
       failures.append(e)
       with admit:
@@ -115,8 +139,12 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
         task, key = state.next()
         sessions = [f"{key}/{g}" for g in range(cfg.group_size)]
         manager.start_group(key, sessions)
-      for g, s in enumerate(sessions):
-        sched.submit("rollout", episode, task, s, zlib.crc32(s.encode()) % (2**31))
+      for s in sessions:
+        # Below 2e6 like `rollout.batch.episode_seed`: the agent adds 1000 x seed + turn and
+        # an OpenAI server takes seeds < 2**31.
+        future = sched.submit("rollout", play_episode, episode_fn, connect, task, s,
+                              zlib.crc32(s.encode()) % 2_000_000)
+        future.add_done_callback(functools.partial(graded, s))
 
   t0 = time.monotonic()
   thread = threading.Thread(target=feeder, daemon=True, name="katjax-flow-feeder")
@@ -169,6 +197,13 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
           "failed_episodes": counters["failed_episodes"],
           "train_retries": counters["train_retries"], "manager": dict(manager.stats),
           "train_s": trained_s, "history": steps}
+
+
+def play_episode(episode_fn, connect, task, session: str, seed: int):
+  """A rollout task, wherever it runs: episode_fn(task, connect(session), seed) -> (reward,
+  info)."""
+  reward, info = episode_fn(task, connect(session), seed)
+  return float(reward), dict(info or {})
 
 
 class TaskFeeder:

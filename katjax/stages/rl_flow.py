@@ -7,6 +7,12 @@ trainer steps as soon as `rl.tasks_per_step` groups are graded, and the engine t
 weights between decode chunks, so episodes in flight continue on them (partial rollouts).
 Rollouts run at most `rl.eta` policy versions ahead (eta = 0: the synchronous schedule).
 
+`rl.scheduler="ray"` runs the same job through `RayScheduler`: episodes are Ray tasks that
+hold the custom resource `katjax_agents` (on a local instance, or on the cluster nodes that
+declare it) and reach the engine through the trajectory manager's OpenAI proxy
+(`katjax.flow.proxy`), which records their exact ids and versions here; train steps stay in
+this process (the trainer's devices and state are the driver's).
+
 Checkpoints hold, beside the train state, the manager's state (finished but untrained groups,
 version counters) and the task order. A resumed run (after a kill) trains the groups that
 were finished at the checkpoint exactly once, and runs again the tasks whose episodes were
@@ -15,6 +21,8 @@ still going (their agents are gone).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +30,8 @@ import numpy as np
 from katjax.core.prune import PruneConfig
 from katjax.envs.base import make_env
 from katjax.flow.learner import TreeLearner
-from katjax.flow.loop import FlowConfig, TaskFeeder, resume_state, run_flow
+from katjax.flow.loop import FlowConfig, TaskFeeder, flow_resources, resume_state, run_flow
+from katjax.flow.scheduler import ThreadScheduler
 from katjax.flow.trajectories import TrajectoryManager
 from katjax.parallel import replicated
 from katjax.rollout.agent import AgentLimits, run_episode
@@ -80,12 +89,7 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
   limits = AgentLimits(max_turns=rl.max_turns, max_tokens=rl.max_tokens,
                        max_new_tokens=rl.max_new_tokens)
 
-  def episode(task, backend, seed):
-    ro = run_episode(backend, tokenizer, make_env(rl.env), task, sampling, limits, seed=seed)
-    if ro.error:  # counted and rescheduled by run_flow; many in a row stop the run
-      raise RuntimeError(f"episode failed: {ro.error}")
-    return ro.reward, {"turns": ro.num_turns, "tool_calls": ro.num_tool_calls}
-
+  episode = AgentEpisode(tokenizer, rl.env, sampling, limits)
   summary = {"start_step": tr.start, "reward_mean": {}, "loss": {}, "workdir": workdir}
 
   def on_step(done, metrics, snapshot):
@@ -102,13 +106,67 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
   cfg = FlowConfig(mode="async", eta=rl.eta, group_size=rl.group_size,
                    groups_per_step=rl.tasks_per_step, steps=tc.steps,
                    rollout_slots=rl.rollout_slots)
+  placement = {"scheduler": ThreadScheduler}  # run_flow's defaults: threads, in-process engine
+  closers = [engine.close, tr.close]
   try:
+    if rl.scheduler == "ray":
+      placement, close_ray = _ray_placement(rl, cfg, engine, tokenizer, manager)
+      closers.insert(0, close_ray)
     out = run_flow(cfg, engine=engine, tasks=tasks, episode_fn=episode, learner=learner,
-                   manager=manager, feeder=feeder, start_step=tr.start, on_step=on_step)
+                   manager=manager, feeder=feeder, start_step=tr.start, on_step=on_step,
+                   **placement)
   finally:
-    engine.close()
-    tr.close()
+    for close in closers:
+      close()
+  out["scheduler"] = rl.scheduler
   out["requeued_at_resume"] = requeued
   summary.update(steps=tc.steps, state=learner.state,
                  flow={k: v for k, v in out.items() if k != "history"})
   return summary
+
+
+class AgentEpisode:
+  """run_flow's episode_fn: the agent loop on one task (picklable, so it runs on Ray workers)."""
+
+  def __init__(self, tokenizer, env: str, sampling: SamplingParams, limits: AgentLimits):
+    self.tokenizer, self.env, self.sampling, self.limits = tokenizer, env, sampling, limits
+
+  def __call__(self, task, backend, seed):
+    ro = run_episode(backend, self.tokenizer, make_env(self.env), task, self.sampling,
+                     self.limits, seed=seed)
+    if ro.error:  # counted and rescheduled by run_flow; many in a row stop the run
+      raise RuntimeError(f"episode failed: {ro.error}")
+    return ro.reward, {"turns": ro.num_turns, "tool_calls": ro.num_tool_calls}
+
+
+def _ray_placement(rl, cfg: FlowConfig, engine, tokenizer, manager):
+  """({scheduler, connect} for run_flow, close): Ray tasks for episodes, the trainer here.
+
+  Joins `rl.ray_address` (a cluster whose rollout nodes declare `katjax_agents`, see README),
+  or starts a local instance that declares it; episodes reach the engine through the
+  recording OpenAI proxy, served on this node's address so workers elsewhere can reach it.
+  """
+  import functools
+
+  import ray
+
+  from katjax.flow.proxy import ProxyClient, serve_recorded
+  from katjax.flow.scheduler import RayScheduler, ray_resources
+
+  started = not ray.is_initialized()
+  if started and rl.ray_address:
+    ray.init(address=rl.ray_address, include_dashboard=False, log_to_driver=False)
+  elif started:
+    agents = [r for r in flow_resources(cfg) if r.name == "agents"]
+    ray.init(num_cpus=max(1, min(rl.rollout_slots, os.cpu_count() or 1)),
+             resources=ray_resources(agents), include_dashboard=False, log_to_driver=False)
+  server = serve_recorded(engine, tokenizer, manager, host=ray.util.get_node_ip_address())
+
+  def close():
+    server.httpd.shutdown()  # the engine is closed by the caller
+    server.httpd.server_close()
+    if started:
+      ray.shutdown()
+
+  return {"scheduler": functools.partial(RayScheduler, local=("trainer",)),
+          "connect": ProxyClient(server.url)}, close
