@@ -21,6 +21,7 @@ still going (their agents are gone).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -146,16 +147,18 @@ def _ray_placement(rl, cfg: FlowConfig, engine, tokenizer, manager):
   or starts a local instance that declares it; episodes reach the engine through the
   recording OpenAI proxy, served on this node's address so workers elsewhere can reach it.
   """
-  import functools
-
-  import ray
+  try:
+    import ray
+  except ImportError as e:
+    raise ImportError("config.rl.scheduler='ray' needs the `ray` package (pip install "
+                      "'katjax[test]' or 'ray>=2.40')") from e
 
   from katjax.flow.proxy import ProxyClient, serve_recorded
   from katjax.flow.scheduler import RayScheduler, ray_resources
 
   started = not ray.is_initialized()
   if started and rl.ray_address:
-    ray.init(address=rl.ray_address, include_dashboard=False, log_to_driver=False)
+    ray.init(address=rl.ray_address)  # the cluster's nodes declare their resources
   elif started:
     agents = [r for r in flow_resources(cfg) if r.name == "agents"]
     ray.init(num_cpus=max(1, min(rl.rollout_slots, os.cpu_count() or 1)),
