@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from katjax.core.prune import PruneConfig
-from katjax.envs.base import make_env
+from katjax.flow.episode import AgentEpisode
 from katjax.flow.learner import TreeLearner
 from katjax.flow.loop import FlowConfig, TaskFeeder, flow_resources, resume_state, run_flow
 from katjax.flow.scheduler import ThreadScheduler
 from katjax.flow.trajectories import TrajectoryManager
 from katjax.parallel import replicated
-from katjax.rollout.agent import AgentLimits, run_episode
+from katjax.rollout.agent import AgentLimits
 from katjax.rollout.engine import Engine
 from katjax.rollout.sampler import Sampler, SamplingParams
 from katjax.train.trainer import Trainer
@@ -124,20 +124,6 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
   summary.update(steps=tc.steps, state=learner.state,
                  flow={k: v for k, v in out.items() if k != "history"})
   return summary
-
-
-class AgentEpisode:
-  """run_flow's episode_fn: the agent loop on one task (picklable, so it runs on Ray workers)."""
-
-  def __init__(self, tokenizer, env: str, sampling: SamplingParams, limits: AgentLimits):
-    self.tokenizer, self.env, self.sampling, self.limits = tokenizer, env, sampling, limits
-
-  def __call__(self, task, backend, seed):
-    ro = run_episode(backend, self.tokenizer, make_env(self.env), task, self.sampling,
-                     self.limits, seed=seed)
-    if ro.error:  # counted and rescheduled by run_flow; many in a row stop the run
-      raise RuntimeError(f"episode failed: {ro.error}")
-    return ro.reward, {"turns": ro.num_turns, "tool_calls": ro.num_tool_calls}
 
 
 def _ray_placement(rl, cfg: FlowConfig, engine, tokenizer, manager):
