@@ -216,27 +216,34 @@ class TaskFeeder:
     if not tasks:
       raise ValueError("run_flow: no tasks")
     self._tasks = list(tasks)
-    self._next = 0
+    self._next = 0  # groups handed out (the n of each key: keys are never reused)
+    self._fresh = 0  # position in the cycle (a rerun does not take a fresh task's turn)
     self._again: collections.deque = collections.deque()
     self._lock = threading.Lock()
 
   def next(self):
     with self._lock:
       n, self._next = self._next, self._next + 1
-      index = int(self._again.popleft().split("#")[0]) if self._again else n % len(self._tasks)
+      if self._again:
+        index = int(self._again.popleft().split("#")[0])
+      else:
+        index, self._fresh = self._fresh % len(self._tasks), self._fresh + 1
       return self._tasks[index], f"{index}#{n}"
 
   def requeue(self, key: str) -> None:
+    if not str(key).split("#")[0].isdigit():
+      raise ValueError(f"TaskFeeder.requeue: {key!r} is not a group key '<task index>#<n>'")
     with self._lock:
       self._again.append(key)
 
   def get_state(self) -> dict:
     with self._lock:
-      return {"next": self._next, "again": list(self._again)}
+      return {"next": self._next, "fresh": self._fresh, "again": list(self._again)}
 
   def set_state(self, state: dict) -> None:
     with self._lock:
       self._next, self._again = int(state["next"]), collections.deque(state["again"])
+      self._fresh = int(state.get("fresh", self._next))  # checkpoints from before "fresh"
 
 
 def resume_state(manager: TrajectoryManager, feeder: TaskFeeder, state: dict) -> int:
@@ -250,7 +257,9 @@ def resume_state(manager: TrajectoryManager, feeder: TaskFeeder, state: dict) ->
   dropped = 0
   for s in running:
     if s in manager.sessions:  # a sibling's abort may have dropped it already
-      feeder.requeue(manager.abort(s))
+      task = manager.abort(s)
+      if task:  # "" for a session no feeder admitted: nothing to run again
+        feeder.requeue(task)
       dropped += 1
   manager.stats["aborted"] -= dropped  # a restart, not a dead agent
   manager.stats["resumed_groups_requeued"] = manager.stats.get("resumed_groups_requeued", 0) + dropped

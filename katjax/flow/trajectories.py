@@ -101,8 +101,12 @@ class TrajectoryManager:
     self.next_group = 0
     self.accepted = 0  # trajectories admitted so far (running or done), AReaL's N_accepted
     self.running = 0
+    # Sessions of aborted groups: a sibling still running when its group was dropped keeps
+    # calling and finishes later; those calls and its grade are ignored (counted), never
+    # recorded as a new "unknown" session (a partial trajectory, trained as its own group).
+    self.dropped: set[str] = set()
     self.stats = {"calls": 0, "prefix_mismatches": 0, "forks": 0, "unknown_sessions": 0,
-                  "aborted": 0, "trained_groups": 0}
+                  "aborted": 0, "trained_groups": 0, "late_calls": 0}
 
   # --- admission and versions -------------------------------------------------------------
 
@@ -153,7 +157,8 @@ class TrajectoryManager:
 
     A session the manager has not seen (an agent that skipped admission, a restarted one)
     is recorded as a new single-session group and counted in `stats["unknown_sessions"]`.
-    Returns {"branch": index, "new_branch": bool, "mismatch": bool}.
+    Returns {"branch": index, "new_branch": bool, "mismatch": bool}; a call of an aborted
+    group's session is not recorded (`stats["late_calls"]`; branch None).
     """
     prompt = [int(t) for t in prompt]
     output = [int(t) for t in output]
@@ -162,6 +167,9 @@ class TrajectoryManager:
     with self._lock:
       version = self.version if version is None else version
       self.stats["calls"] += 1
+      if session in self.dropped:
+        self.stats["late_calls"] += 1
+        return {"branch": None, "new_branch": False, "mismatch": False}
       sess = self.sessions.get(session)
       if sess is None:
         self.stats["unknown_sessions"] += 1
@@ -191,8 +199,12 @@ class TrajectoryManager:
       return {"branch": index, "new_branch": new, "mismatch": mismatch}
 
   def finish(self, session: str, reward: float, info: dict | None = None) -> None:
-    """Attach the graded reward; a group whose sessions have all finished becomes ready."""
+    """Attach the graded reward; a group whose sessions have all finished becomes ready.
+    The grade of an aborted group's session is ignored (counted in `stats["late_calls"]`)."""
     with self._lock:
+      if session in self.dropped:
+        self.stats["late_calls"] += 1
+        return
       sess = self._session(session)
       if sess.reward is not None:
         raise ValueError(f"finish({session!r}): the session has already finished")
@@ -214,6 +226,7 @@ class TrajectoryManager:
       gid = sess.group
       for s in self.groups.pop(gid):
         other = self.sessions.pop(s)
+        self.dropped.add(s)
         self.accepted -= 1
         if other.reward is None:
           self.running -= 1

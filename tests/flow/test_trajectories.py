@@ -191,3 +191,16 @@ def test_trained_trajectories_carry_each_tokens_version():
   np.testing.assert_array_equal(group[0].version, [0, 0, 0, 1, 0, 1])  # context: 0
   np.testing.assert_array_equal(group[0].loss_mask, [0, 0, 1, 1, 0, 1])
   assert group[0].policy_version == 0  # the oldest trained token
+
+
+def test_a_dropped_groups_running_sibling_is_ignored_not_recorded_as_a_new_session():
+  mgr = TrajectoryManager(group_size=2, batch_groups=1, eta=0)
+  mgr.start_group("t", ["a", "b"])
+  mgr.record("a", [1, 2], [3])
+  mgr.record("b", [1, 2], [4])
+  assert mgr.abort("a") == "t"  # a's agent died; b is still running
+  assert mgr.record("b", [1, 2, 4, 5], [6])["branch"] is None  # a late call of b
+  mgr.finish("b", 1.0)  # and b's grade: both ignored, counted
+  assert mgr.stats["late_calls"] == 2 and mgr.stats["unknown_sessions"] == 0
+  assert mgr.sessions == {} and mgr.groups == {} and mgr.take_batch() is None
+  assert (mgr.accepted, mgr.running) == (0, 0) and mgr.can_admit(2)  # the capacity came back
