@@ -48,7 +48,7 @@ def test_async_mode_bad_config():
 # --- a real kill -9 of `python -m katjax.launch --stage=rl --config.rl.mode=async` ----------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 7
+STEPS = 8  # margin: a kill even at the second checkpoint leaves steps for fresh groups
 KILL_CMD = [sys.executable, "-m", "katjax.launch", "--stage=rl",
             f"--config={os.path.join(ROOT, 'configs', 'rl_tiny.py')}", "--config.rl.mode=async",
             f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=2",
