@@ -15,6 +15,15 @@ Three parties, one process:
 nothing runs ahead) so rollouts wait for the update and the trainer waits for the slowest
 episode of each batch. `mode="async"` admits up to eta versions ahead.
 
+Where tasks run: `scheduler` builds the tag scheduler over `flow_resources(cfg)` ("agents":
+tag rollout, `rollout_slots` slots; "trainer": tag train): in-process threads by default,
+or Ray (`RayScheduler` with the trainer local: episodes run on Ray workers, anywhere in the
+cluster). `connect(session)` gives an episode its engine backend where it runs: by default
+a `RecordingBackend` over the in-process engine; on Ray an `OpenAIClient` of the trajectory
+manager's OpenAI proxy (`katjax.flow.proxy`), which records the same ids and versions on the
+driver. Either way an episode returns (reward, info) and the driver grades it into the
+manager when its task completes.
+
 Failures: an episode that raises is aborted in the manager (its group dropped, counted) and
 its task queued again; a train step that raises is retried on the same groups (the flow
 state is untouched) up to `train_retries` times.
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 import time
 import zlib
@@ -62,35 +72,54 @@ class FlowConfig:
     return 0 if self.mode == "sync" else self.eta
 
 
+def flow_resources(cfg: FlowConfig) -> list[Resource]:
+  """The resources run_flow schedules on: the agents' rollout slots and the trainer."""
+  return [Resource("agents", {"rollout"}, slots=cfg.rollout_slots),
+          Resource("trainer", {"train"})]
+
+
 def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=None,
-             feeder=None, start_step: int = 0, on_step=None) -> dict:
+             feeder=None, start_step: int = 0, on_step=None, scheduler=ThreadScheduler,
+             connect=None) -> dict:
   """Runs cfg.steps train steps; returns throughput, bubble, idle and staleness figures.
 
   engine: `Engine`-like (thread-safe `generate`, `update_weights`, `version`, `snapshot`);
   tasks: a list cycled in order; learner: `train(groups) -> (params, metrics)`;
-  on_step(step, metrics, manager): called after each published update (e.g. checkpoint).
-  manager / feeder / start_step: a restored run's state (`resume_state` prepares them).
+  on_step(step, metrics, state): called after each published update with the flow's
+  state at that point ({"manager", "feeder"}, what `resume_state` loads), e.g. to checkpoint it
+  with the train state. manager / feeder / start_step: a restored run's state.
+  scheduler: resources -> a started tag scheduler (ThreadScheduler, or e.g.
+  `functools.partial(RayScheduler, local=("trainer",))`); connect: session -> the episode's
+  engine backend, built where the episode runs (picklable for Ray); default records into
+  `manager` in-process.
   """
   manager = manager or TrajectoryManager(cfg.group_size, cfg.groups_per_step,
                                          eta=cfg.effective_eta)
-  sched = ThreadScheduler([Resource("agents", {"rollout"}, slots=cfg.rollout_slots),
-                           Resource("trainer", {"train"})])
+  sched = scheduler(flow_resources(cfg))
+  connect = connect or functools.partial(RecordingBackend, engine, manager)
   state = feeder or TaskFeeder(tasks)
   stop = threading.Event()
   wake = threading.Condition()
   counters = collections.Counter()
+  # Held while the task order and the manager change together (a group admitted, a dead
+  # episode's task requeued), so a snapshot never has one without the other.
+  admit = threading.Lock()
   failures = []  # the errors of the current run of consecutive failed episodes
 
-  def episode(task, session, seed):
+  def graded(session, future):
+    """The episode's task completed (on a worker thread or the Ray waiter): grade it."""
+    if future.cancelled():  # queued when the run ended: never started
+      return
     try:
-      reward, info = episode_fn(task, RecordingBackend(engine, manager, session), seed)
+      reward, info = future.result()
       manager.finish(session, reward, info)
       failures.clear()
-    except Exception as e:  # noqa: BLE001 - a dead agent is counted and its task rescheduled
+    except BaseException as e:  # noqa: BLE001 - a dead agent is counted and its task rescheduled
       counters["failed_episodes"] += 1
       failures.append(e)
-      if session in manager.sessions:
-        state.requeue(manager.abort(session))
+      with admit:
+        if session in manager.sessions:
+          state.requeue(manager.abort(session))
     with wake:
       wake.notify_all()
 
@@ -106,11 +135,16 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
           wake.wait(0.05)
       if stop.is_set() or len(failures) >= cfg.max_failed_episodes:
         return
-      task, key = state.next()
-      sessions = [f"{key}/{g}" for g in range(cfg.group_size)]
-      manager.start_group(key, sessions)
-      for g, s in enumerate(sessions):
-        sched.submit("rollout", episode, task, s, zlib.crc32(s.encode()) % (2**31))
+      with admit:
+        task, key = state.next()
+        sessions = [f"{key}/{g}" for g in range(cfg.group_size)]
+        manager.start_group(key, sessions)
+      for s in sessions:
+        # Below 2e6 like `rollout.batch.episode_seed`: the agent adds 1000 x seed + turn and
+        # an OpenAI server takes seeds < 2**31.
+        future = sched.submit("rollout", play_episode, episode_fn, connect, task, s,
+                              zlib.crc32(s.encode()) % 2_000_000)
+        future.add_done_callback(functools.partial(graded, s))
 
   t0 = time.monotonic()
   thread = threading.Thread(target=feeder, daemon=True, name="katjax-flow-feeder")
@@ -141,7 +175,9 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
       metrics.update(info, reward_mean=float(np.mean([t.reward for g in groups for t in g])))
       steps.append(metrics)
       if on_step is not None:
-        on_step(step + 1, metrics, manager)
+        with admit:
+          snapshot = {"manager": manager.state_dict(), "feeder": state.get_state()}
+        on_step(step + 1, metrics, snapshot)
   finally:
     stop.set()
     with wake:
@@ -152,6 +188,7 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
     sched.shutdown()
   snap = engine.snapshot() if hasattr(engine, "snapshot") else {}
   return {"mode": cfg.mode, "eta": cfg.effective_eta, "steps": len(steps), "wall_s": wall,
+          "trajectories": n_traj, "tasks": usage["tasks"],
           "trajectories_per_s": n_traj / wall, "tokens_per_s": n_tokens / wall,
           "trainer_bubble": waited / wall,
           "rollout_idle": 1.0 - usage["busy"]["agents"]["rollout"] / cfg.rollout_slots,
@@ -160,6 +197,13 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
           "failed_episodes": counters["failed_episodes"],
           "train_retries": counters["train_retries"], "manager": dict(manager.stats),
           "train_s": trained_s, "history": steps}
+
+
+def play_episode(episode_fn, connect, task, session: str, seed: int):
+  """A rollout task, wherever it runs: episode_fn(task, connect(session), seed) -> (reward,
+  info)."""
+  reward, info = episode_fn(task, connect(session), seed)
+  return float(reward), dict(info or {})
 
 
 class TaskFeeder:
@@ -172,27 +216,34 @@ class TaskFeeder:
     if not tasks:
       raise ValueError("run_flow: no tasks")
     self._tasks = list(tasks)
-    self._next = 0
+    self._next = 0  # groups handed out (the n of each key: keys are never reused)
+    self._fresh = 0  # position in the cycle (a rerun does not take a fresh task's turn)
     self._again: collections.deque = collections.deque()
     self._lock = threading.Lock()
 
   def next(self):
     with self._lock:
       n, self._next = self._next, self._next + 1
-      index = int(self._again.popleft().split("#")[0]) if self._again else n % len(self._tasks)
+      if self._again:
+        index = int(self._again.popleft().split("#")[0])
+      else:
+        index, self._fresh = self._fresh % len(self._tasks), self._fresh + 1
       return self._tasks[index], f"{index}#{n}"
 
   def requeue(self, key: str) -> None:
+    if not str(key).split("#")[0].isdigit():
+      raise ValueError(f"TaskFeeder.requeue: {key!r} is not a group key '<task index>#<n>'")
     with self._lock:
       self._again.append(key)
 
   def get_state(self) -> dict:
     with self._lock:
-      return {"next": self._next, "again": list(self._again)}
+      return {"next": self._next, "fresh": self._fresh, "again": list(self._again)}
 
   def set_state(self, state: dict) -> None:
     with self._lock:
       self._next, self._again = int(state["next"]), collections.deque(state["again"])
+      self._fresh = int(state.get("fresh", self._next))  # checkpoints from before "fresh"
 
 
 def resume_state(manager: TrajectoryManager, feeder: TaskFeeder, state: dict) -> int:
@@ -206,7 +257,9 @@ def resume_state(manager: TrajectoryManager, feeder: TaskFeeder, state: dict) ->
   dropped = 0
   for s in running:
     if s in manager.sessions:  # a sibling's abort may have dropped it already
-      feeder.requeue(manager.abort(s))
+      task = manager.abort(s)
+      if task:  # "" for a session no feeder admitted: nothing to run again
+        feeder.requeue(task)
       dropped += 1
   manager.stats["aborted"] -= dropped  # a restart, not a dead agent
   manager.stats["resumed_groups_requeued"] = manager.stats.get("resumed_groups_requeued", 0) + dropped

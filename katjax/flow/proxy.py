@@ -11,9 +11,16 @@ client's text is never re-tokenised into training data. When a scaffold's next r
 not extend what it was answered (its template rewrote the history), the manager starts a
 new branch and counts a prefix mismatch. Rewards come from the grader:
 `manager.finish(session, reward)`.
+
+`ProxyClient(url)` is the other end for `run_flow`: a picklable `connect(session)` that
+gives an episode, wherever it runs (a Ray worker on another node), an `OpenAIClient` of its
+session on this proxy.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import urllib.parse
 
 from katjax.flow.trajectories import TrajectoryManager
 from katjax.rollout.server import serve
@@ -28,3 +35,16 @@ def serve_recorded(engine, tokenizer, manager: TrajectoryManager, **serve_kw):
                      comp.entropy, version=comp.version)
 
   return serve(engine, tokenizer, recorder=record, **serve_kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyClient:
+  """connect(session) -> an `OpenAIClient` of `session` on the proxy at `url` (picklable)."""
+
+  url: str
+  model: str = "katjax"
+
+  def __call__(self, session: str):
+    from katjax.rollout.client import OpenAIClient
+    return OpenAIClient(f"{self.url}/sessions/{urllib.parse.quote(session, safe='')}/v1",
+                        model=self.model)

@@ -13,7 +13,9 @@ Two backends share this dispatcher and differ only in how a started task runs:
 `ThreadScheduler` runs it on a thread of this process; `RayScheduler` runs it as a Ray task
 that holds one unit of the resource's own Ray custom resource (`katjax_<name>`, capacity =
 slots), so Ray's accounting agrees with the dispatcher's on every node. The trainer itself
-stays one JAX program (multi-controller across hosts), submitted as a "train" task.
+stays one JAX program (multi-controller across hosts), submitted as a "train" task; with
+Ray its resource is `local` (this process owns the trainer's devices and state), so its
+tasks run on a thread here while rollouts run on whichever nodes host the rollout resources.
 """
 
 from __future__ import annotations
@@ -163,18 +165,29 @@ class RayScheduler(_Dispatcher):
   `ray.init` must have declared those custom resources (`ray_resources(resources)` gives
   the dict for `ray.init(resources=...)` or `ray start --resources`); on a cluster each node
   declares the resources it hosts. Results come back through one waiter thread.
+
+  local: names of resources hosted by this process (the trainer, whose state and devices the
+  driver holds): their tasks run on a thread here, under the same tags and slots, and need
+  no Ray resource. Functions sent to Ray must be picklable (module-level, or cloudpickled
+  closures over picklable values).
   """
 
-  def __init__(self, resources):
+  def __init__(self, resources, *, local=()):
     import ray
 
     super().__init__(resources)
-    self._ray = ray
+    unknown = sorted(set(local) - set(self.resources))
+    if unknown:
+      raise ValueError(f"local resources {unknown} are not among {sorted(self.resources)}")
+    self._ray, self._local = ray, frozenset(local)
     have = ray.cluster_resources()
-    missing = [k for k, v in ray_resources(self.resources.values()).items() if have.get(k, 0) < v]
+    remote = [r for r in self.resources.values() if r.name not in self._local]
+    missing = [k for k, v in ray_resources(remote).items() if have.get(k, 0) < v]
     if missing:
       raise ValueError(f"the Ray cluster lacks custom resources {missing}; start it with "
                        f"resources=katjax.flow.scheduler.ray_resources(...)")
+    self._threads = ThreadScheduler([self.resources[n] for n in sorted(self._local)]
+                                    ) if self._local else None
     self._inflight: dict = {}
     self._cv = threading.Condition()
     self._waiter = threading.Thread(target=self._wait_loop, daemon=True)
@@ -182,6 +195,11 @@ class RayScheduler(_Dispatcher):
     self._waiter.start()
 
   def _launch(self, name, tag, fn, args, kwargs, future):
+    if name in self._local:
+      # The thread backend runs it (its own slot count equals ours, so it never queues).
+      inner = self._threads.submit(tag, _timed, fn, *args, **kwargs)
+      inner.add_done_callback(lambda f: self._finish_local(f, name, tag, future))
+      return
     remote = self._ray.remote(_timed).options(resources={f"katjax_{name}": 1}, num_cpus=0)
     ref = remote.remote(fn, *args, **kwargs)
     with self._cv:
@@ -209,12 +227,23 @@ class RayScheduler(_Dispatcher):
           future.set_exception(e)
         self._release(name, tag, seconds)
 
+  def _finish_local(self, inner, name, tag, future):
+    seconds = 0.0
+    try:
+      result, seconds = inner.result()
+      future.set_result(result)
+    except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+      future.set_exception(e)
+    self._release(name, tag, seconds)
+
   def shutdown(self) -> None:
     super().shutdown()
     with self._cv:
       self._stop = True
       self._cv.notify()
     self._waiter.join()
+    if self._threads is not None:
+      self._threads.shutdown()
 
 
 def ray_resources(resources) -> dict:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import zlib
 
 import numpy as np
 
@@ -100,8 +101,12 @@ class TrajectoryManager:
     self.next_group = 0
     self.accepted = 0  # trajectories admitted so far (running or done), AReaL's N_accepted
     self.running = 0
+    # Sessions of aborted groups: a sibling still running when its group was dropped keeps
+    # calling and finishes later; those calls and its grade are ignored (counted), never
+    # recorded as a new "unknown" session (a partial trajectory, trained as its own group).
+    self.dropped: set[str] = set()
     self.stats = {"calls": 0, "prefix_mismatches": 0, "forks": 0, "unknown_sessions": 0,
-                  "aborted": 0, "trained_groups": 0}
+                  "aborted": 0, "trained_groups": 0, "late_calls": 0}
 
   # --- admission and versions -------------------------------------------------------------
 
@@ -152,7 +157,8 @@ class TrajectoryManager:
 
     A session the manager has not seen (an agent that skipped admission, a restarted one)
     is recorded as a new single-session group and counted in `stats["unknown_sessions"]`.
-    Returns {"branch": index, "new_branch": bool, "mismatch": bool}.
+    Returns {"branch": index, "new_branch": bool, "mismatch": bool}; a call of an aborted
+    group's session is not recorded (`stats["late_calls"]`; branch None).
     """
     prompt = [int(t) for t in prompt]
     output = [int(t) for t in output]
@@ -161,6 +167,9 @@ class TrajectoryManager:
     with self._lock:
       version = self.version if version is None else version
       self.stats["calls"] += 1
+      if session in self.dropped:
+        self.stats["late_calls"] += 1
+        return {"branch": None, "new_branch": False, "mismatch": False}
       sess = self.sessions.get(session)
       if sess is None:
         self.stats["unknown_sessions"] += 1
@@ -190,8 +199,12 @@ class TrajectoryManager:
       return {"branch": index, "new_branch": new, "mismatch": mismatch}
 
   def finish(self, session: str, reward: float, info: dict | None = None) -> None:
-    """Attach the graded reward; a group whose sessions have all finished becomes ready."""
+    """Attach the graded reward; a group whose sessions have all finished becomes ready.
+    The grade of an aborted group's session is ignored (counted in `stats["late_calls"]`)."""
     with self._lock:
+      if session in self.dropped:
+        self.stats["late_calls"] += 1
+        return
       sess = self._session(session)
       if sess.reward is not None:
         raise ValueError(f"finish({session!r}): the session has already finished")
@@ -213,6 +226,7 @@ class TrajectoryManager:
       gid = sess.group
       for s in self.groups.pop(gid):
         other = self.sessions.pop(s)
+        self.dropped.add(s)
         self.accepted -= 1
         if other.reward is None:
           self.running -= 1
@@ -229,24 +243,31 @@ class TrajectoryManager:
 
     groups: per task, one Trajectory per branch of each of its sessions. info: staleness
     (mean over trained tokens of current version - the version that generated the token)
-    and max_staleness. The groups leave the buffer: each is trained exactly once.
+    and max_staleness; version (the manager's, which the step trains at); lineage: per
+    group {"id", "fingerprint" (`fingerprint` of its trajectories' tokens), "versions"
+    ([min, max] version of its trained tokens)}, what a run logs to show which data each step
+    consumed. The groups leave the buffer: each is trained exactly once.
     """
     with self._lock:
       if len(self.ready) < self.batch_groups:
         return None
       take, self.ready = self.ready[:self.batch_groups], self.ready[self.batch_groups:]
-      groups, lags = [], []
+      groups, lags, lineage = [], [], []
       for gid in take:
-        group = []
+        group, versions = [], []
         for s in self.groups.pop(gid):
           sess = self.sessions.pop(s)
           for b in sess.branches:
-            lags += [self.version - v for v in b.trained_versions()]
+            versions += b.trained_versions()
             group.append(b.to_trajectory(sess.reward, gid))
+        lags += [self.version - v for v in versions]
         groups.append(group)
+        lineage.append({"id": gid, "fingerprint": fingerprint([t.tokens for t in group]),
+                        "versions": [min(versions, default=0), max(versions, default=0)]})
       self.stats["trained_groups"] += len(take)
       info = {"staleness": float(np.mean(lags)) if lags else 0.0,
-              "max_staleness": int(max(lags, default=0))}
+              "max_staleness": int(max(lags, default=0)), "version": self.version,
+              "lineage": lineage}
       return groups, info
 
   def branches(self, session: str) -> list[Branch]:
@@ -322,6 +343,15 @@ class RecordingBackend:
                             getattr(comp, "entropy", None),
                             version=version)
     return outs
+
+
+def fingerprint(token_lists) -> int:
+  """crc32 of a group's token ids (int32, each list length-prefixed): names its content."""
+  crc = 0
+  for tokens in token_lists:
+    arr = np.asarray(tokens, np.int32)
+    crc = zlib.crc32(np.int32(arr.size).tobytes() + arr.tobytes(), crc)
+  return crc
 
 
 def _best_branch(branches, prompt) -> tuple[int | None, int]:

@@ -27,6 +27,7 @@ import select
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 
 from katjax.model.tokenizer import TOOL_CALL_OPEN
@@ -116,6 +117,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     session = ""
     if path.startswith("/sessions/"):
       session, _, rest = path[len("/sessions/"):].partition("/")
+      session = urllib.parse.unquote(session)  # ids with "/" or "#" come percent-encoded
       path = "/" + rest
     self._session = session
     try:

@@ -7,6 +7,12 @@ trainer steps as soon as `rl.tasks_per_step` groups are graded, and the engine t
 weights between decode chunks, so episodes in flight continue on them (partial rollouts).
 Rollouts run at most `rl.eta` policy versions ahead (eta = 0: the synchronous schedule).
 
+`rl.scheduler="ray"` runs the same job through `RayScheduler`: episodes are Ray tasks that
+hold the custom resource `katjax_agents` (on a local instance, or on the cluster nodes that
+declare it) and reach the engine through the trajectory manager's OpenAI proxy
+(`katjax.flow.proxy`), which records their exact ids and versions here; train steps stay in
+this process (the trainer's devices and state are the driver's).
+
 Checkpoints hold, beside the train state, the manager's state (finished but untrained groups,
 version counters) and the task order. A resumed run (after a kill) trains the groups that
 were finished at the checkpoint exactly once, and runs again the tasks whose episodes were
@@ -15,17 +21,21 @@ still going (their agents are gone).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from katjax.core.prune import PruneConfig
-from katjax.envs.base import make_env
+from katjax.flow.episode import AgentEpisode
 from katjax.flow.learner import TreeLearner
-from katjax.flow.loop import FlowConfig, TaskFeeder, resume_state, run_flow
+from katjax.flow.loop import FlowConfig, TaskFeeder, flow_resources, resume_state, run_flow
+from katjax.flow.scheduler import ThreadScheduler
 from katjax.flow.trajectories import TrajectoryManager
 from katjax.parallel import batch_sharding, replicated
-from katjax.rollout.agent import AgentLimits, run_episode
+from katjax.rollout.agent import AgentLimits
 from katjax.rollout.engine import Engine
 from katjax.rollout.sampler import Sampler, SamplingParams
 from katjax.train.trainer import Trainer
@@ -33,15 +43,11 @@ from katjax.train.tree_step import make_tree_step
 
 
 class FlowState:
-  """The flow's part of a checkpoint (saved as the Trainer's data-iterator state): a snapshot
-  taken right after a step, so it matches the saved train state even when the save is async."""
+  """The flow's part of a checkpoint (saved as the Trainer's data-iterator state): the
+  snapshot `run_flow` takes right after a step, so it matches the saved train state."""
 
   def __init__(self, manager: TrajectoryManager, feeder: TaskFeeder):
-    self.manager, self.feeder = manager, feeder
-    self.snapshot = self.capture()
-
-  def capture(self) -> dict:
-    return {"manager": self.manager.state_dict(), "feeder": self.feeder.get_state()}
+    self.snapshot = {"manager": manager.state_dict(), "feeder": feeder.get_state()}
 
   def get_state(self) -> dict:
     return self.snapshot
@@ -84,32 +90,72 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
   limits = AgentLimits(max_turns=rl.max_turns, max_tokens=rl.max_tokens,
                        max_new_tokens=rl.max_new_tokens)
 
-  def episode(task, backend, seed):
-    ro = run_episode(backend, tokenizer, make_env(rl.env), task, sampling, limits, seed=seed)
-    if ro.error:  # counted and rescheduled by run_flow; many in a row stop the run
-      raise RuntimeError(f"episode failed: {ro.error}")
-    return ro.reward, {"turns": ro.num_turns, "tool_calls": ro.num_tool_calls}
-
+  episode = AgentEpisode(tokenizer, rl.env, sampling, limits)
   summary = {"start_step": tr.start, "reward_mean": {}, "loss": {}, "workdir": workdir}
 
-  def on_step(done, metrics, mgr):
+  def on_step(done, metrics, snapshot):
     summary["reward_mean"][done] = metrics["reward_mean"]
     summary["loss"][done] = metrics["loss"]
-    flow_state.snapshot = flow_state.capture()
+    flow_state.snapshot = snapshot
     if tr.is_log_step(done):
       tr.log.write(done, {k: v for k, v in metrics.items() if np.isscalar(v)})
+    # Every step: the groups it trained (ids, content fingerprints, token versions), so a
+    # run's log shows that a resume neither lost nor repeated data.
+    tr.log.record(done, "flow", {"version": metrics["version"], "groups": metrics["lineage"]})
     tr.end_step(done, learner.state, flow_state)
 
   cfg = FlowConfig(mode="async", eta=rl.eta, group_size=rl.group_size,
                    groups_per_step=rl.tasks_per_step, steps=tc.steps,
                    rollout_slots=rl.rollout_slots)
+  placement = {"scheduler": ThreadScheduler}  # run_flow's defaults: threads, in-process engine
+  closers = [engine.close, tr.close]
   try:
+    if rl.scheduler == "ray":
+      placement, close_ray = _ray_placement(rl, cfg, engine, tokenizer, manager)
+      closers.insert(0, close_ray)
     out = run_flow(cfg, engine=engine, tasks=tasks, episode_fn=episode, learner=learner,
-                   manager=manager, feeder=feeder, start_step=tr.start, on_step=on_step)
+                   manager=manager, feeder=feeder, start_step=tr.start, on_step=on_step,
+                   **placement)
   finally:
-    engine.close()
-    tr.close()
+    for close in closers:
+      close()
+  out["scheduler"] = rl.scheduler
   out["requeued_at_resume"] = requeued
   summary.update(steps=tc.steps, state=learner.state,
                  flow={k: v for k, v in out.items() if k != "history"})
   return summary
+
+
+def _ray_placement(rl, cfg: FlowConfig, engine, tokenizer, manager):
+  """({scheduler, connect} for run_flow, close): Ray tasks for episodes, the trainer here.
+
+  Joins `rl.ray_address` (a cluster whose rollout nodes declare `katjax_agents`, see README),
+  or starts a local instance that declares it; episodes reach the engine through the
+  recording OpenAI proxy, served on this node's address so workers elsewhere can reach it.
+  """
+  try:
+    import ray
+  except ImportError as e:
+    raise ImportError("config.rl.scheduler='ray' needs the `ray` package (pip install "
+                      "'katjax[test]' or 'ray>=2.40')") from e
+
+  from katjax.flow.proxy import ProxyClient, serve_recorded
+  from katjax.flow.scheduler import RayScheduler, ray_resources
+
+  started = not ray.is_initialized()
+  if started and rl.ray_address:
+    ray.init(address=rl.ray_address)  # the cluster's nodes declare their resources
+  elif started:
+    agents = [r for r in flow_resources(cfg) if r.name == "agents"]
+    ray.init(num_cpus=max(1, min(rl.rollout_slots, os.cpu_count() or 1)),
+             resources=ray_resources(agents), include_dashboard=False, log_to_driver=False)
+  server = serve_recorded(engine, tokenizer, manager, host=ray.util.get_node_ip_address())
+
+  def close():
+    server.httpd.shutdown()  # the engine is closed by the caller
+    server.httpd.server_close()
+    if started:
+      ray.shutdown()
+
+  return {"scheduler": functools.partial(RayScheduler, local=("trainer",)),
+          "connect": ProxyClient(server.url)}, close

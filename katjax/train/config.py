@@ -136,6 +136,11 @@ class RLConfig:
   mode: Literal["sync", "async"] = "sync"
   eta: int = 1
   rollout_slots: int = 8
+  # Where async tasks run: "thread" (this process) or "ray" (episodes as Ray tasks holding
+  # the custom resource katjax_agents; the trainer stays in this process). ray_address ""
+  # starts a local Ray instance; "auto" or "ray://host:10001" joins a cluster (README).
+  scheduler: Literal["thread", "ray"] = "thread"
+  ray_address: str = ""
   loss: LossConfig = LossConfig()
   rft: RFTConfig = RFTConfig()
 
@@ -145,6 +150,9 @@ class RLConfig:
                        f"versions; 0 is the synchronous schedule)")
     if self.rollout_slots < 1:
       raise ValueError(f"config.rl.rollout_slots={self.rollout_slots} must be >= 1")
+    if self.scheduler == "ray" and self.mode != "async":
+      raise ValueError(f"config.rl.scheduler='ray' needs config.rl.mode='async' (the "
+                       f"synchronous loop runs in one process), got mode={self.mode!r}")
 
   def policy_loss(self) -> PolicyLossConfig:
     """The core loss config, with rl.norm as its normalisation."""

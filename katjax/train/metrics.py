@@ -12,7 +12,8 @@ from tensorboardX import SummaryWriter
 
 
 class MetricsLogger:
-  """write(step, {name: scalar}, prefix) -> TensorBoard + metrics.jsonl; bar shows progress."""
+  """write(step, {name: scalar}, prefix) -> TensorBoard + metrics.jsonl; bar shows progress;
+  record(step, split, {...}) -> metrics.jsonl alone (structured, non-scalar records)."""
 
   def __init__(self, logdir: str, total_steps: int, initial_step: int = 0, enabled=True):
     self.enabled = enabled and jax.process_index() == 0  # multi-host: process 0 reports
@@ -39,6 +40,12 @@ class MetricsLogger:
     else:
       self._bar.write(f"step {step} {prefix}: " + " ".join(f"{k}={v:.4f}" for k, v in
                                                             scalars.items()))
+
+  def record(self, step: int, split: str, payload: dict) -> None:
+    """A structured (JSON) record for metrics.jsonl only, e.g. which data a step consumed."""
+    if self.enabled:
+      self._jsonl.write(json.dumps({"step": step, "split": split, **payload}) + "\n")
+      self._jsonl.flush()
 
   def advance(self, n: int = 1) -> None:
     if self.enabled:

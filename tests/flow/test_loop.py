@@ -1,5 +1,6 @@
 """The flow loop on stand-in engine and learner: schedules, staleness, failures."""
 
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -7,7 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from katjax.flow.loop import FlowConfig, run_flow
+from katjax.flow.loop import FlowConfig, TaskFeeder, resume_state, run_flow
+from katjax.flow.trajectories import TrajectoryManager
 
 
 class StubEngine:
@@ -121,3 +123,25 @@ def test_a_broken_engine_ends_the_run_instead_of_retrying_forever():
   with pytest.raises(RuntimeError, match="failed in a row"):
     run_flow(FlowConfig(group_size=2, groups_per_step=1, steps=1, max_failed_episodes=4),
              engine=StubEngine(), tasks=[0, 1], episode_fn=broken, learner=StubLearner())
+
+
+def test_resume_requeues_the_running_tasks_and_keeps_the_finished_groups():
+  mgr = TrajectoryManager(group_size=2, batch_groups=1, eta=None)
+  feeder = TaskFeeder(["x", "y", "z"])
+  for _ in range(2):
+    _, key = feeder.next()
+    mgr.start_group(key, [f"{key}/0", f"{key}/1"])
+  for s in ("0#0/0", "0#0/1", "1#1/0"):
+    mgr.record(s, [1], [2])
+  mgr.finish("0#0/0", 1.0)
+  mgr.finish("0#0/1", 0.0)  # group 0 is ready; group 1 is half done
+  mgr.record("stray", [1], [2])  # a session nobody admitted (no task to run again)
+  state = json.loads(json.dumps({"manager": mgr.state_dict(), "feeder": feeder.get_state()}))
+  new_mgr, new_feeder = TrajectoryManager(2, 1, eta=None), TaskFeeder(["x", "y", "z"])
+  assert resume_state(new_mgr, new_feeder, state) == 3  # 1#1/0, 1#1/1, stray were running
+  assert new_mgr.ready == [0] and set(new_mgr.sessions) == {"0#0/0", "0#0/1"}
+  assert new_feeder.next() == ("y", "1#2")  # task 1 runs again first, then the order goes on
+  assert new_feeder.next() == ("z", "2#3")  # (the rerun did not take task 2's turn)
+  assert new_feeder.next() == ("x", "0#4")
+  with pytest.raises(ValueError, match="group key"):
+    new_feeder.requeue("")

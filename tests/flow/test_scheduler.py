@@ -1,5 +1,6 @@
 """Tag-driven scheduler: tags respected, slots never exceeded, multi-tag resources shared."""
 
+import os
 import threading
 import time
 
@@ -97,5 +98,18 @@ def test_ray_backend_runs_the_same_job_on_a_local_instance():
     assert sum(v for k, v in tasks.items() if k.endswith("/rollout")) == 6
     with pytest.raises(ValueError, match="lacks custom resources"):
       RayScheduler([Resource("elsewhere", {"env"})])
+    # A local resource (the trainer, whose state the driver holds) runs its tasks in this
+    # process and needs no Ray resource; the others still run on Ray workers.
+    mixed = RayScheduler([Resource("here", {"train"}), resources[1]], local=("here",))
+    try:
+      train = mixed.submit("train", os.getpid)
+      rollouts = [mixed.submit("rollout", os.getpid) for _ in range(2)]
+      assert train.result(timeout=120) == os.getpid()
+      assert all(f.result(timeout=120) != os.getpid() for f in rollouts)
+      assert mixed.usage()["tasks"] == {"here/train": 1, "engine/rollout": 2}
+    finally:
+      mixed.shutdown()
+    with pytest.raises(ValueError, match="not among"):
+      RayScheduler(resources, local=("nowhere",))
   finally:
     ray.shutdown()

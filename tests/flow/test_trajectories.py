@@ -2,6 +2,7 @@
 
 import json
 import threading
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -99,7 +100,18 @@ def test_interleaved_sessions_from_threads_give_the_right_trees():
   for t in threads:
     t.join()
   groups, info = mgr.take_batch()
-  assert info == {"staleness": 0.0, "max_staleness": 0}
+  assert {k: info[k] for k in ("staleness", "max_staleness", "version")} == {
+      "staleness": 0.0, "max_staleness": 0, "version": 0}
+  # The lineage names each group by content: crc32 over (int32 length, int32 ids) per branch.
+  crcs = []
+  for g in range(2):
+    crc = 0
+    for k in range(3):
+      ids = np.asarray(expected[f"g{g}s{k}"][0], np.int32)
+      crc = zlib.crc32(np.int32(ids.size).tobytes() + ids.tobytes(), crc)
+    crcs.append(crc)
+  assert info["lineage"] == [{"id": g, "fingerprint": crcs[g], "versions": [0, 0]}
+                             for g in range(2)]
   for g, group in enumerate(groups):
     got = build_tree(group)
     for k, traj in enumerate(group):
@@ -179,3 +191,16 @@ def test_trained_trajectories_carry_each_tokens_version():
   np.testing.assert_array_equal(group[0].version, [0, 0, 0, 1, 0, 1])  # context: 0
   np.testing.assert_array_equal(group[0].loss_mask, [0, 0, 1, 1, 0, 1])
   assert group[0].policy_version == 0  # the oldest trained token
+
+
+def test_a_dropped_groups_running_sibling_is_ignored_not_recorded_as_a_new_session():
+  mgr = TrajectoryManager(group_size=2, batch_groups=1, eta=0)
+  mgr.start_group("t", ["a", "b"])
+  mgr.record("a", [1, 2], [3])
+  mgr.record("b", [1, 2], [4])
+  assert mgr.abort("a") == "t"  # a's agent died; b is still running
+  assert mgr.record("b", [1, 2, 4, 5], [6])["branch"] is None  # a late call of b
+  mgr.finish("b", 1.0)  # and b's grade: both ignored, counted
+  assert mgr.stats["late_calls"] == 2 and mgr.stats["unknown_sessions"] == 0
+  assert mgr.sessions == {} and mgr.groups == {} and mgr.take_batch() is None
+  assert (mgr.accepted, mgr.running) == (0, 0) and mgr.can_admit(2)  # the capacity came back
