@@ -12,8 +12,9 @@ multi-turn tool use is necessary. Four levels make progress visible stage by sta
 With the pipeline's turn limit of 3, level 4 done one call per turn (4 turns) fails: only
 parallel calls solve it. The data for each stage:
 
-- `mid_corpus`: tool docs, rendered prompts, rendered single calls and single results, in
-  the chat format, but never a solved episode (format and vocabulary, not the protocol);
+- `mid_corpus`: tool docs, rendered prompts, rendered single calls and single results, and
+  copy drills (a question then its look-ups; results then their submit), in the chat
+  format, but never a solved episode (format, vocabulary and copying, not the protocol);
 - `expert_episode`: a scripted demonstrator with human-like imperfections: independent
   look-ups go one per turn unless `parallel` (drawn per episode), and now and then a
   redundant repeated look-up; this is SFT's data;
