@@ -16,7 +16,7 @@ def get_config():
                  dtype="float32", remat=False, family="qwen3", qk_norm=True,
                  tie_embeddings=True, scan_unroll=2)
   c.tokenizer = ""  # --stage=all sets it: the BPE it trains into WORKDIR/tokenizer.json
-  c.data.update(seq_len=768, batch_size=8, on_error="raise")
+  c.data.update(seq_len=384, batch_size=8, on_error="raise")  # an SFT episode: ~100-250
   c.optimizer.update(learning_rate=3e-3, warmup_steps=10, weight_decay=0.01)
   c.train.update(steps=100, log_every=10, eval_every=0, checkpoint_every=25, keep=1,
                  async_checkpoint=False)
@@ -26,7 +26,9 @@ def get_config():
               norm="token-mean", prune_selector="entropy")
   c.rl.rft.update(metric="lcs", outcome_weight=0.5, monitor=False, teacher_branch=True)
   c.eval.update(num_tasks=200, seed=0, temperature=0.0, samples=1)
-  c.pipeline.update(vocab_size=640, mid_docs=3000, sft_episodes=2000, mid_steps=40,
-                    mid_lr=3e-3, sft_steps=120, sft_lr=2e-3, rft_steps=10, rft_lr=5e-4,
+  # Mid-training needs ~400 steps at lr 1e-2 to learn the copy drills (200 steps, or
+  # lr 3e-2, stay at chance: docs/pipeline.md); SFT then learns the protocol in 200.
+  c.pipeline.update(vocab_size=640, mid_docs=6000, sft_episodes=2000, mid_steps=400,
+                    mid_lr=1e-2, sft_steps=200, sft_lr=3e-3, rft_steps=10, rft_lr=5e-4,
                     rl_steps=20, rl_lr=5e-4)
   return c

@@ -12,8 +12,9 @@ multi-turn tool use is necessary. Four levels make progress visible stage by sta
 With the pipeline's turn limit of 3, level 4 done one call per turn (4 turns) fails: only
 parallel calls solve it. The data for each stage:
 
-- `mid_corpus`: tool docs, rendered prompts, rendered single calls and single results, in
-  the chat format, but never a solved episode (format and vocabulary, not the protocol);
+- `mid_corpus`: tool docs, rendered prompts, rendered single calls and single results, and
+  copy drills (a question then its look-ups; results then their submit), in the chat
+  format, but never a solved episode (format, vocabulary and copying, not the protocol);
 - `expert_episode`: a scripted demonstrator with human-like imperfections: independent
   look-ups go one per turn unless `parallel` (drawn per episode), and now and then a
   redundant repeated look-up; this is SFT's data;
@@ -39,7 +40,8 @@ __all__ = ["KEYS", "LEVELS", "SYSTEM_PROMPT", "generate_tasks", "task_split", "f
 KEYS = tuple(c + v for c in "bdfgklmnprstvzh" for v in "aeiou")
 LEVELS = (1, 2, 3, 4)
 HELDOUT_SHARE = 4  # one task in HELDOUT_SHARE (by content hash) is held out
-SYSTEM_PROMPT = "Look up the keys with lookup, then submit their values in order."
+SYSTEM_PROMPT = ("Tools: lookup(key) returns a key's value; submit(answer) ends the task. "
+                 "Look up the keys asked, then submit their values in order.")
 
 
 def tool_specs() -> list[dict]:
@@ -130,8 +132,15 @@ def mid_corpus(n_docs: int, seed: int = 0) -> list[str]:
 
   Each document is one of: the tool docs; a task prompt (system + user, no answer); an
   assistant turn with look-ups of random keys (one or several); a user turn of tool
-  results; a submit call with random values. Calls and results are never paired with the
-  question they would answer.
+  results; a submit call with random values; and half of them copy drills: a question
+  followed by the look-ups of its keys (no result, no answer), or tool results followed by
+  the call that uses them (the submit of those values, or the look-up of a returned key).
+
+  The drills are there because copying is what a tiny model cannot find on its own: SFT
+  from a corpus without them learns the protocol but stays at chance on every copied
+  token (docs/pipeline.md), like a language model without induction heads. Pretraining
+  gives real models that skill; the drills give it here. No document holds a question and
+  its answer, so mid-training still cannot solve a task.
   """
   from katjax.model.tokenizer import ByteTokenizer
   tok = ByteTokenizer()  # only its chat rendering (text), not its ids
@@ -139,7 +148,7 @@ def mid_corpus(n_docs: int, seed: int = 0) -> list[str]:
   tools = tool_specs()
   docs = []
   for i in range(n_docs):
-    kind = i % 5
+    kind = i % 10
     if kind == 0:
       docs.append("Tools: lookup(key) returns the value of key in the task's table, or "
                   "another key to look up. submit(answer) ends the task; answer is the "
@@ -151,7 +160,7 @@ def mid_corpus(n_docs: int, seed: int = 0) -> list[str]:
         task = _draw(rng, task["level"])
       msgs = [{"role": "system", "content": SYSTEM_PROMPT},
               {"role": "user", "content": question(task)}]
-      docs.append(tok.render_chat(msgs, tools))
+      docs.append(tok.render_chat(msgs))
     elif kind == 2:
       keys = rng.sample(KEYS, rng.randint(1, 3))
       calls = [_call("lookup", {"key": k}, j) for j, k in enumerate(keys)]
@@ -161,11 +170,38 @@ def mid_corpus(n_docs: int, seed: int = 0) -> list[str]:
       msgs = [{"role": "tool", "tool_call_id": f"c{j}", "content": _value_or_key(rng)}
               for j in range(n)]
       docs.append(tok.render_chat(msgs))
-    else:
+    elif kind == 4:
       answer = ",".join(str(rng.randint(10, 99)) for _ in range(rng.randint(1, 3)))
       docs.append(tok.render_chat([{"role": "assistant", "content": "",
                                     "tool_calls": [_call("submit", {"answer": answer}, 0)]}]))
+    elif kind <= 7:
+      docs.append(tok.render_chat(_question_drill(rng)))
+    else:
+      docs.append(tok.render_chat(_result_drill(rng)))
   return docs
+
+
+def _question_drill(rng) -> list[dict]:
+  """A training-split question, then one assistant turn looking up its (first) keys."""
+  task = _draw(rng, rng.choice(LEVELS))
+  while task_split(task) != "train":
+    task = _draw(rng, task["level"])
+  calls = [_call("lookup", {"key": k}, j) for j, k in enumerate(task["keys"])]
+  return [{"role": "user", "content": question(task)},
+          {"role": "assistant", "content": "", "tool_calls": calls}]
+
+
+def _result_drill(rng) -> list[dict]:
+  """Tool results, then the call that uses them: the submit of the values in order, or the
+  look-up of a key that a result returned (the second hop of a chain)."""
+  if rng.random() < 0.25:
+    hop = rng.choice(KEYS)
+    return [{"role": "tool", "tool_call_id": "c0", "content": hop},
+            {"role": "assistant", "content": "", "tool_calls": [_call("lookup", {"key": hop}, 0)]}]
+  values = [str(rng.randint(10, 99)) for _ in range(rng.randint(1, 3))]
+  results = [{"role": "tool", "tool_call_id": f"c{j}", "content": v} for j, v in enumerate(values)]
+  return results + [{"role": "assistant", "content": "",
+                     "tool_calls": [_call("submit", {"answer": ",".join(values)}, 0)]}]
 
 
 # --- helpers ----------------------------------------------------------------------------------
