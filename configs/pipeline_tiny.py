@@ -29,6 +29,6 @@ def get_config():
   # Mid-training needs ~400 steps at lr 1e-2 to learn the copy drills (200 steps, or
   # lr 3e-2, stay at chance: docs/pipeline.md); SFT then learns the protocol in 200.
   c.pipeline.update(vocab_size=640, mid_docs=6000, sft_episodes=2000, mid_steps=400,
-                    mid_lr=1e-2, sft_steps=200, sft_lr=3e-3, rft_steps=10, rft_lr=5e-4,
-                    rl_steps=20, rl_lr=5e-4)
+                    mid_lr=1e-2, sft_steps=200, sft_lr=3e-3, rft_steps=10, rft_lr=2e-3,
+                    rl_steps=20, rl_lr=2e-3)
   return c

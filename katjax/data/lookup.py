@@ -16,8 +16,8 @@ parallel calls solve it. The data for each stage:
   copy drills (a question then its look-ups; results then their submit), in the chat
   format, but never a solved episode (format, vocabulary and copying, not the protocol);
 - `expert_episode`: a scripted demonstrator with human-like imperfections: independent
-  look-ups go one per turn unless `parallel` (drawn per episode), and now and then a
-  redundant repeated look-up; this is SFT's data;
+  look-ups go one per turn unless `parallel` (drawn per episode), and most episodes
+  re-check their first look-up in a turn of their own; this is SFT's data;
 - `teacher_episode`: the optimum (all independent look-ups in one turn, shortest), RFT's
   ground truth.
 
@@ -111,14 +111,19 @@ def check_disjoint(eval_tasks: list[dict], train_tasks: list[dict], what: str = 
 
 
 def expert_episode(task: dict, rng: random.Random, parallel_prob: float = 0.3,
-                   redundant_prob: float = 0.1) -> list[dict]:
-  """Scripted demonstration (assistant and tool messages after the prompt), imperfect:
-  parallel look-ups only with probability `parallel_prob`, else one per turn, and with
-  probability `redundant_prob` one look-up is repeated in a turn of its own."""
+                   recheck_prob: float = 0.7) -> list[dict]:
+  """Scripted demonstration (assistant and tool messages after the prompt), imperfect the
+  way a cautious human is: independent look-ups go in one turn only with probability
+  `parallel_prob` (else one per turn), and with probability `recheck_prob` the first
+  look-up is repeated in a turn of its own before going on ("let me check that again").
+
+  The re-check is harmless within 3 turns except on chains (3 turns at best, 4 with it),
+  so a policy that imitates the demonstrator's most likely behaviour fails the chains,
+  while one that samples it still solves them 1 - recheck_prob of the time: the room RFT
+  and RL have above SFT (docs/pipeline.md)."""
   turns = _plan(task, parallel=rng.random() < parallel_prob)
-  if rng.random() < redundant_prob:
-    at = rng.randrange(len(turns))
-    turns.insert(at + 1, [turns[at][-1]])
+  if rng.random() < recheck_prob:
+    turns.insert(1, [turns[0][0]])
   return _render(task, turns)
 
 
