@@ -25,7 +25,7 @@ import numpy as np
 from katjax.core.advantages import grpo_advantages
 from katjax.core.prune import PruneConfig, prune_batch
 from katjax.envs.base import load_tasks, make_env
-from katjax.parallel import batch_sharding, make_mesh, replicated
+from katjax.parallel import batch_sharding, is_main_process, make_mesh, replicated
 from katjax.rollout.agent import AgentLimits
 from katjax.rollout.batch import run_episodes
 from katjax.rollout.sampler import Sampler, SamplingParams
@@ -40,8 +40,9 @@ def run(config, workdir: str) -> dict:
   summary = train_rl(config, workdir)
   rewards = summary["reward_mean"]
   first, last = (rewards[min(rewards)], rewards[max(rewards)]) if rewards else (None, None)
-  print(f"rl: steps {summary['start_step']}->{summary['steps']}, mean reward first/last "
-        f"logged {first} / {last}, workdir {workdir}")
+  if is_main_process():
+    print(f"rl: steps {summary['start_step']}->{summary['steps']}, mean reward first/last "
+          f"logged {first} / {last}, workdir {workdir}")
   return summary
 
 
