@@ -38,6 +38,7 @@ from katjax.parallel import batch_sharding, replicated
 from katjax.rollout.agent import AgentLimits
 from katjax.rollout.engine import Engine
 from katjax.rollout.sampler import Sampler, SamplingParams
+from katjax.stages.rl import fit_tree_step
 from katjax.train.trainer import Trainer
 from katjax.train.tree_step import make_tree_step
 
@@ -76,6 +77,13 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
   tree_sh = batch_sharding(tr.mesh, 2, length=True)  # tokens over `sequence`, if > 1
   step_fn = make_tree_step(tr.cfg, loss_cfg, tr.optimizer, state_shardings=tr.state_shardings,
                            batch_sharding=tree_sh, out_sharding=replicated(tr.mesh))
+  # A row the devices cannot hold fails here (the learner keeps the jitted step: its
+  # old_logp comes from another program, whose output sharding the executable would pin).
+  try:
+    fit_tree_step(tr, step_fn, tree_sh, extra=("old_logp",))
+  except ValueError:
+    tr.close()
+    raise
   learner = TreeLearner(tr.cfg, tr.state, tr.optimizer, loss_cfg, num_rows=rl.num_rows,
                         row_tokens=rl.row_tokens, step_fn=step_fn, batch_sharding=tree_sh,
                         prune_cfg=PruneConfig(selector=rl.prune_selector, norm=loss_cfg.norm,
