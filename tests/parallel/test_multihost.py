@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from katjax.data import write_default_data
+from katjax.testing import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "parallel", "multihost_worker.py")
@@ -41,12 +42,12 @@ def _env(devices: int, **extra) -> dict:
   return env
 
 
-def launch(n: int, specs, devices: int, timeout: float = 900.0, script=WORKER):
+def launch(n: int, specs, devices: int, timeout: float = 900.0, script=WORKER, env_extra=None):
   """Start n processes (spec i for process i) on `devices` CPU devices each; -> outputs."""
   port = _port()
   procs = []
   for i in range(n):
-    env = _env(devices)
+    env = _env(devices, **(env_extra or {}))
     if n > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n),
                  JAX_PROCESS_ID=str(i), KATJAX_INIT_TIMEOUT="60")
@@ -131,7 +132,8 @@ def test_checkpoint_restores_on_another_process_count(runs, name, processes):
 
 @pytest.fixture(scope="module")
 def rl_runs(tmp_path_factory):
-  """The RL stage, 2 steps on a data=2 mesh: 1 process x 2 devices and 2 processes x 1."""
+  """The RL stage on a data=2 mesh: 2 steps on 1 process x 2 devices and on 2 processes x 1;
+  then, on 1 process, step 3 resumed from each of the two step-2 checkpoints."""
   tmp = tmp_path_factory.mktemp("multihost_rl")
   # Two tasks x two rollouts: two trees of ~1000 tokens, one per row, so each data shard
   # trains on its own tree and the gradient is a real sum over the two devices.
@@ -141,15 +143,21 @@ def rl_runs(tmp_path_factory):
             "train.checkpoint_every": 2, "train.async_checkpoint": False}
   out = str(tmp / "out")
   os.makedirs(out)
+  d = lambda name: str(tmp / name)  # noqa: E731
 
-  def spec(name):
-    return {"config": config, "jobs": [[name, str(tmp / name), 2, None]], "out": out,
-            "stage": "rl"}
+  def spec(jobs):
+    return {"config": config, "jobs": jobs, "out": out, "stage": "rl"}
 
-  _ok(launch(1, [spec("one")], devices=2))
-  _ok(launch(2, [spec("two")] * 2, devices=1))
-  runs = {name: dict(np.load(os.path.join(out, f"{name}.npz"))) for name in ("one", "two")}
-  for name in runs:
+  # Each resumed run rebuilds the same programs: the persistent cache loads them instead.
+  cache = compile_cache.env(tmp / "jax_cache")
+  _ok(launch(2, [spec([["two", d("two"), 2, None]])] * 2, devices=1, env_extra=cache))
+  _ok(launch(1, [spec([["one", d("one"), 2, None],
+                       ["one_continued", d("one_continued"), 3, d("one")],
+                       ["two_to_one", d("two_to_one"), 3, d("two")]])], devices=2,
+             env_extra=cache))
+  runs = {name: dict(np.load(os.path.join(out, f"{name}.npz")))
+          for name in ("one", "two", "one_continued", "two_to_one")}
+  for name in ("one", "two"):
     with open(tmp / name / "logs" / "metrics.jsonl") as f:
       runs[name]["logged"] = [json.loads(line) for line in f]
     runs[name]["event_files"] = [x for x in os.listdir(tmp / name / "logs")
@@ -189,6 +197,26 @@ def test_rl_stage_on_two_processes_equals_one(rl_runs):
   # Step 1 runs at lr 0 (warmup), step 2 moves the weights: equal params after a no-op
   # would prove nothing.
   assert moved > 1e-4
+
+
+@pytest.mark.slow
+def test_rl_checkpoint_of_two_processes_resumes_in_one(rl_runs):
+  """Step 3 from the 2-process step-2 checkpoint (weights, optimizer, the task iterator)
+  equals step 3 from the 1-process one."""
+  got, want = rl_runs["two_to_one"], rl_runs["one_continued"]
+  assert int(got["processes"]) == int(want["processes"]) == 1
+  np.testing.assert_array_equal(want["loss_steps"], [3])
+  np.testing.assert_array_equal(got["loss_steps"], [3])
+  # the same tasks drawn at step 3 (the iterator resumed at the same place): same rollouts
+  np.testing.assert_array_equal(got["rewards"], want["rewards"])
+  assert not np.array_equal(want["rewards"], rl_runs["one"]["rewards"][-1:])
+  np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5, atol=1e-6)
+  for k in want:
+    if k.startswith("["):
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+      # step 3 moved the weights past step 2's: a silent re-init or no-op would not match
+  assert any(not np.allclose(want[k], rl_runs["one"][k], rtol=1e-5, atol=1e-6)
+             for k in want if k.startswith("["))
 
 
 def _rl_init_params() -> dict:
