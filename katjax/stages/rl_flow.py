@@ -11,7 +11,9 @@ Rollouts run at most `rl.eta` policy versions ahead (eta = 0: the synchronous sc
 hold the custom resource `katjax_agents` (on a local instance, or on the cluster nodes that
 declare it) and reach the engine through the trajectory manager's OpenAI proxy
 (`katjax.flow.proxy`), which records their exact ids and versions here; train steps stay in
-this process (the trainer's devices and state are the driver's).
+this process (the trainer's devices and state are the driver's). The asynchronous trainer is
+one JAX process (several would each schedule their own episodes); on several hosts the
+synchronous stage runs as one job over `jax.distributed`.
 
 Checkpoints hold, beside the train state, the manager's state (finished but untrained groups,
 version counters) and the task order. A resumed run (after a kill) trains the groups that
@@ -67,6 +69,14 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
 
   run = parse(config)
   rl, tc = run.rl, run.train
+  if jax.process_count() > 1:
+    # Each host would schedule its own episodes by thread timing: different groups, tree
+    # batches and step times on every host, mixed silently into one global batch.
+    raise ValueError(
+        f"config.rl.mode='async' trains in one JAX process, and this run has "
+        f"{jax.process_count()}: on several hosts use rl.mode='sync' (every host collects the "
+        f"same rollouts), or keep the async trainer in one process and spread its agents with "
+        f"rl.scheduler='ray'")
   manager = TrajectoryManager(rl.group_size, rl.tasks_per_step, eta=rl.eta)
   feeder = TaskFeeder(tasks)
   flow_state = FlowState(manager, feeder)
