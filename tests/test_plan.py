@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from katjax import model, parallel
-from katjax.plan import GIB, largest_row, tree_step_memory
+from katjax.plan import (GIB, device_memory_budget, largest_fitting_row, largest_row,
+                          tree_step_memory)
 from katjax.plan.table import check_row_fits, format_plan, plan_mesh
 from katjax.train.state import make_optimizer
 
@@ -115,3 +116,43 @@ def test_cli_prints_the_table_and_rejects_a_bad_mesh():
   bad = subprocess.run(cmd[:4] + ["--mesh=2,x"], env=env, capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
   assert bad.returncode != 0 and "--mesh='2,x'" in bad.stderr
+
+
+def test_largest_fitting_row_probes_a_bracket():
+  """Against a brute-force scan of a convex, growing peak (quadratic like dense attention):
+  the exact largest row within the default six probes (each one a compile in the stage)."""
+  probes = []
+
+  def peak_of(t):
+    probes.append(t)
+    return 1000 + t + t * t // 4096
+
+  for budget in (1500, 3000, 5000, 9000):
+    want = max([t for t in range(64, 8192, 64) if peak_of(t) <= budget] or [0])
+    top = peak_of(8192)
+    probes.clear()
+    got = largest_fitting_row(peak_of, 8192, top, budget, 64)
+    assert got == want, (budget, got, want, probes)
+    assert len(probes) <= 6 and all(t % 64 == 0 for t in probes)
+  assert largest_fitting_row(peak_of, 8192, peak_of(8192), 10, 64) == 0  # nothing fits
+  # a floor: only rows above it are probed
+  probes.clear()
+  largest_fitting_row(peak_of, 8192, peak_of(8192), 5000, 64, floor=1024)
+  assert min(probes) > 1024
+
+
+def test_device_memory_budget_sources():
+  class Dev:
+    process_index, device_kind = 0, "fake"
+
+    def __init__(self, stats):
+      self.stats = stats
+
+    def memory_stats(self):
+      return self.stats
+
+  assert device_memory_budget([Dev(None)]) == (None, "no device memory limit known")
+  got, source = device_memory_budget([Dev({"bytes_limit": 5 * GIB}), Dev({"bytes_limit": GIB})])
+  assert got == GIB and "fake bytes_limit" in source  # the smallest device decides
+  assert device_memory_budget([Dev({"bytes_limit": GIB})], 2.5) == (int(2.5 * GIB),
+                                                                    "train.memory_budget_gib")

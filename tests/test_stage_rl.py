@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -44,7 +45,10 @@ def random_rewards(monkeypatch):
 
 
 def test_rl_stage_trains_on_pruned_trees_and_resumes(tmp_path, random_rewards):
-  summary = rl_stage.train_rl(_config(2), str(tmp_path))
+  c = _config(2)
+  # A known device budget: the stage runs the executable it compiled and checked at start.
+  c.train.memory_budget_gib = 1000.0
+  summary = rl_stage.train_rl(c, str(tmp_path))
   assert summary["start_step"] == 0 and sorted(summary["loss"]) == [1, 2]
   logged = [json.loads(line) for line in open(tmp_path / "logs" / "metrics.jsonl")]
   assert [m["step"] for m in logged] == [1, 2]
@@ -86,3 +90,38 @@ def test_rl_stage_rejects_a_prompt_longer_than_max_tokens(tmp_path):
   c.rl.max_tokens = 256  # the byte-level arithmetic prompt is ~960 tokens
   with pytest.raises(ValueError, match=r"prompt alone has \d+ tokens >= rl.max_tokens=256"):
     rl_stage.train_rl(c, str(tmp_path))
+
+
+@pytest.mark.slow  # ~90 s on 2 busy cores: four compiles of the tree step on 8 fake devices
+def test_rl_stage_rejects_a_row_longer_than_the_devices_hold(tmp_path):
+  """train.memory_budget_gib below the tree step's peak: the stage stops before any rollout,
+  naming rl.row_tokens and the largest row that fits (the next block would not)."""
+  from katjax import parallel
+  from katjax.plan import GIB, tree_step_memory
+  from katjax.train.config import parse
+  from katjax.train.state import make_optimizer
+  c = _config(2)
+  # Short rows keep the compiles cheap; rows in steps of 64 tokens (dense attention below
+  # dense_max_len: memory grows faster than linearly, the search still holds).
+  c.model.attention_block = 64
+  c.rl.update(row_tokens=512, max_tokens=512)
+  run = parse(c)
+  mesh = parallel.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+
+  def peak(tokens):  # the plan's own compile of the same step, from abstract inputs
+    return tree_step_memory(run.model, mesh, run.rl.num_rows, tokens,
+                            optimizer=make_optimizer(run.optimizer),
+                            loss_cfg=run.rl.policy_loss()).peak
+
+  low, high = peak(256), peak(512)
+  assert low < high
+  budget = (low + high) // 2
+  c.train.memory_budget_gib = budget / GIB
+  with pytest.raises(ValueError, match=r"rl.row_tokens=512 does not fit: .* over the .* GiB "
+                                       r"of train.memory_budget_gib; the largest row that fits "
+                                       r"is (\d+) tokens") as e:
+    rl_stage.train_rl(c, str(tmp_path))
+  assert (tmp_path / "logs" / "metrics.jsonl").read_text() == ""  # no step ran
+  largest = int(re.search(r"the largest row that fits is (\d+)", str(e.value)).group(1))
+  assert 256 <= largest < 512 and largest % 64 == 0
+  assert peak(largest) <= budget < (high if largest + 64 == 512 else peak(largest + 64))

@@ -45,6 +45,14 @@ def test_async_mode_bad_config():
     rl_stage.train_rl(c, "/nonexistent")
 
 
+def test_async_mode_refuses_several_jax_processes(tmp_path, monkeypatch):
+  from katjax.stages import rl_flow
+  monkeypatch.setattr(rl_flow.jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"rl.mode='async' trains in one JAX process, and this "
+                                       r"run has 2: on several hosts use rl.mode='sync'"):
+    rl_stage.train_rl(_config(1), str(tmp_path))
+
+
 # --- a real kill -9 of `python -m katjax.launch --stage=rl --config.rl.mode=async` ----------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

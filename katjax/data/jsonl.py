@@ -1,13 +1,15 @@
 """Reading JSONL datasets: one JSON object per line, bad lines reported with file:line.
 
 `on_error="skip"` logs each bad line (file:line: reason) and counts it; `"raise"` stops at
-the first one with a ValueError. Nothing is dropped silently.
+the first one with a ValueError. Nothing is dropped silently. `write_jsonl` writes one
+atomically, so several hosts (or a killed run) never leave a reader a partial file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 from absl import logging
 
@@ -43,6 +45,28 @@ def read_jsonl(path: str, *, validate=None, on_error: str = "skip"):
     raise ValueError(f"empty dataset: no valid records in {path} "
                      f"({len(errors)} bad line(s))")
   return records, errors
+
+
+def write_jsonl(path: str, records) -> str:
+  """Write records (dicts) as JSONL at `path`, complete or not at all; returns `path`.
+
+  Each writer fills its own temporary file beside `path` and renames it over `path`: hosts
+  sharing a workdir may all write the same (deterministic) data at once, and a reader sees
+  one whole file, never a mix or a truncated one.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
 
 
 def validate_text(record: dict) -> None:

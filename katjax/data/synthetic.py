@@ -12,6 +12,8 @@ import json
 import os
 import random
 
+from katjax.data.jsonl import write_jsonl
+
 TOOLS = [
     {"type": "function", "function": {
         "name": "calculator", "description": "Evaluate an arithmetic expression.",
@@ -53,17 +55,12 @@ def mid_records(n: int, seed: int = 0) -> list[dict]:
 def write_default_data(directory: str, *, n_train: int = 320, n_eval: int = 32,
                        seed: int = 0) -> dict:
   """Write {mid,sft}_{train,eval}.jsonl under `directory`; returns {name: path}."""
-  os.makedirs(directory, exist_ok=True)
+  # Every host of a multi-host run calls this on the shared workdir: atomic writes of the
+  # same deterministic records, so no host reads another's half-written file.
   sets = {"mid_train": mid_records(n_train, seed), "mid_eval": mid_records(n_eval, seed + 1),
           "sft_train": sft_records(n_train, seed), "sft_eval": sft_records(n_eval, seed + 1)}
-  paths = {}
-  for name, records in sets.items():
-    path = os.path.join(directory, f"{name}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
-    paths[name] = path
-  return paths
+  return {name: write_jsonl(os.path.join(directory, f"{name}.jsonl"), records)
+          for name, records in sets.items()}
 
 
 def _pick(rng):

@@ -10,6 +10,11 @@ gives the per-device bytes: arguments (params, optimizer state, batch), outputs,
 A device holds `arguments + outputs - aliased + temporaries` at the peak. Temporaries grow
 linearly with the tree row length (remat keeps one residual per layer; blockwise attention
 and the loss are linear in tokens), so two compiles give the largest row that fits a budget.
+
+`fit_tree_step` is the same check at the start of a real RL run: it compiles the run's own
+tree step (the executable the run then uses, so nothing compiles twice) and stops the run,
+naming `rl.row_tokens` and the largest row that fits, when the step would not fit the
+device's memory.
 """
 
 from __future__ import annotations
@@ -23,16 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from katjax import model as kmodel
+from katjax.core.fields import FIELD
 from katjax.core.losses import PolicyLossConfig
-from katjax.core.tree_pack import DEVICE_KEYS
+from katjax.core.tree_pack import DEVICE_KEYS, WEIGHT_KEYS
 from katjax.parallel import (batch_sharding, logical_sharding, param_shardings, replicated,
                              train_state_shardings)
 from katjax.train.state import TrainState, make_optimizer
 from katjax.train.tree_step import make_tree_step
 
 GIB = 1 << 30
-_FLOAT_KEYS = ("pos_weight", "neg_weight", "kl_weight", "count", "pos_count", "neg_count",
-               "rollout_logp", "denom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +62,114 @@ def tree_step_memory(cfg, mesh, rows: int, row_tokens: int, *, optimizer=None,
   loss_cfg = loss_cfg or PolicyLossConfig()
   state, state_sh = abstract_train_state(cfg, mesh, optimizer)
   batch_sh = batch_sharding(mesh, 2, length=True)
-  batch = {k: jax.ShapeDtypeStruct((rows, row_tokens),
-                                   jnp.float32 if k in _FLOAT_KEYS else jnp.int32,
-                                   sharding=batch_sh) for k in DEVICE_KEYS}
+  batch = abstract_tree_batch(rows, row_tokens, batch_sh)
   step = make_tree_step(cfg, loss_cfg, optimizer, state_shardings=state_sh,
                         batch_sharding=batch_sh, out_sharding=replicated(mesh),
                         micro_batches=micro_batches)
   compiled = step.lower(state, batch).compile()
   return _memory(compiled, shard_bytes(state.params), shard_bytes(state.opt_state))
+
+
+def fit_tree_step(step, state, cfg, *, rows: int, row_tokens: int, sharding, budget: int,
+                  source: str = "the device's memory", extra=(), compiles: int = 6):
+  """Compile the tree step `step(state, batch)` for `rows` x `row_tokens` -> the executable.
+
+  When the compiled step's per-device peak exceeds `budget` bytes: ValueError naming
+  rl.row_tokens and the largest row that fits, found by at most `compiles` more compiles
+  (`largest_fitting_row`: every reported row was compiled and fits). `source` says where the
+  budget came from; extra: names of float32 [rows, row_tokens] arrays the caller adds to the
+  batch (`old_logp` in the asynchronous learner).
+  """
+  batch = functools.partial(abstract_tree_batch, rows, sharding=sharding, extra=extra)
+  peak_of = lambda tokens: _memory(step.lower(state, batch(tokens)).compile(), 0, 0).peak  # noqa: E731
+  compiled = step.lower(state, batch(row_tokens)).compile()
+  peak = _memory(compiled, 0, 0).peak
+  if peak <= budget:
+    return compiled
+  n = sharding.mesh.shape.get("sequence", 1)
+  multiple = row_multiple(cfg, n, row_tokens // 2)
+  # "auto" attention is dense (quadratic memory) up to dense_max_len and blockwise above, so
+  # memory is not monotonic across that length: search the blockwise rows only.
+  floor = (cfg.dense_max_len if cfg.attention_impl == "auto" and row_tokens > cfg.dense_max_len
+           else 0)
+  largest = largest_fitting_row(peak_of, row_tokens, peak, budget, multiple, floor=floor,
+                                compiles=compiles)
+  fits = (f"the largest row that fits is {largest} tokens" if largest else
+          f"no row of {floor + multiple} to {row_tokens} tokens fits")
+  mesh = dict(sharding.mesh.shape)
+  raise ValueError(
+      f"rl.row_tokens={row_tokens} does not fit: the tree step ({rows} rows) peaks at "
+      f"{peak / GIB:.3f} GiB per device on mesh {mesh} (XLA's memory analysis), over the "
+      f"{budget / GIB:.3f} GiB of {source}; {fits} (or split rows over more sequence "
+      f"devices, shard the weights over more fsdp / tensor devices, or hold fewer rl.num_rows "
+      f"per data x fsdp device)")
+
+
+def largest_fitting_row(peak_of, row: int, peak: int, budget: int, multiple: int, *,
+                        floor: int = 0, compiles: int = 6) -> int:
+  """Largest multiple of `multiple` in (floor, row) whose `peak_of(tokens)` fits `budget`.
+
+  `row` (peak `peak`) does not fit. Each probe is a compile, so the search keeps a bracket
+  (a row that fits, a row that does not) and probes where the straight line between them
+  meets the budget (the middle while no row is known to fit), at most `compiles` times.
+  Memory must grow with the row. Returns a probed row that fits (the largest probed), or 0
+  when none did.
+  """
+  lo, hi = (floor, None), (row, peak)  # (tokens, peak): lo fits (peak None: not probed)
+  for _ in range(compiles):
+    if hi[0] - lo[0] <= multiple:
+      break
+    if lo[1] is None or hi[1] <= lo[1]:
+      guess = (lo[0] + hi[0]) / 2
+    else:
+      guess = lo[0] + (budget - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
+    tokens = min(max(int(guess // multiple) * multiple, lo[0] + multiple), hi[0] - multiple)
+    p = peak_of(tokens)
+    if p <= budget:
+      lo = (tokens, p)
+    else:
+      hi = (tokens, p)
+  return lo[0] if lo[1] is not None else 0
+
+
+def device_memory_budget(devices, gib: float = 0.0) -> tuple[int | None, str]:
+  """(bytes per device a step may use, where that figure comes from) for `fit_tree_step`.
+
+  gib > 0 (config `train.memory_budget_gib`) wins; else the smallest `bytes_limit` the
+  devices report (`Device.memory_stats()`, GPUs and TPUs); else (None, ...): unknown (CPU),
+  no check.
+  """
+  if gib > 0:
+    return int(gib * GIB), "train.memory_budget_gib"
+  limits, local = [], [d for d in devices if d.process_index == jax.process_index()]
+  for d in local:  # another host's devices cannot be queried from here
+    try:
+      stats = d.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without the query (CPU) raise or return None
+      stats = None
+    if stats and stats.get("bytes_limit"):
+      limits.append(int(stats["bytes_limit"]))
+  if not limits:
+    return None, "no device memory limit known"
+  return min(limits), f"the device's memory ({local[0].device_kind} bytes_limit)"
+
+
+def row_multiple(cfg, sequence: int, half: int) -> int:
+  """The granularity of a reported largest row: whole attention blocks on each of the
+  `sequence` devices a row is split over."""
+  return sequence * max(1, min(cfg.attention_block, half // sequence))
+
+
+def abstract_tree_batch(rows: int, row_tokens: int, sharding, extra=()) -> dict:
+  """The tree step's batch (`TreeBatch.arrays()`) as ShapeDtypeStructs [rows, row_tokens]:
+  the declared dtype of each token field, float32 loss weights (and `extra` arrays), int32
+  tree structure."""
+  def dtype(k):
+    if k in FIELD:
+      return jnp.dtype(FIELD[k].dtype)
+    return jnp.float32 if k in WEIGHT_KEYS or k in extra else jnp.int32
+  return {k: jax.ShapeDtypeStruct((rows, row_tokens), dtype(k), sharding=sharding)
+          for k in DEVICE_KEYS + tuple(extra)}
 
 
 def decode_memory(cfg, mesh, batch: int, cache_len: int, cache_dtype=None) -> Memory:

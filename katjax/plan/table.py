@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from katjax.plan.memory import GIB, Memory, decode_memory, largest_row, tree_step_memory
+from katjax.plan.memory import (GIB, Memory, decode_memory, largest_row, row_multiple,
+                                tree_step_memory)
 
 # Per-device memory budgets (GiB) the table is checked against.
 DEVICES = {"TPU v5p": 95, "H200": 141, "H100": 80}
@@ -47,7 +48,7 @@ def plan_mesh(cfg, mesh, *, row_tokens: int, micro_batches: int = 1, decode_batc
   train = tree_step_memory(cfg, mesh, rows, row_tokens, **kw)
   train_half = tree_step_memory(cfg, mesh, rows, half, **kw)
   decode = decode_memory(cfg, mesh, decode_batch, cache_len)
-  multiple = n * min(cfg.attention_block, half // n)  # whole blocks on every sequence part
+  multiple = row_multiple(cfg, n, half)  # whole blocks on every sequence part
   largest = {name: largest_row([(half, train_half.peak), (row_tokens, train.peak)],
                                gib * GIB, multiple) for name, gib in devices.items()}
   return MeshPlan(shape, row_tokens, train, train_half, decode, decode_batch, cache_len,

@@ -36,6 +36,7 @@ import tqdm
 from katjax import model as kmodel
 from katjax.data import load_mid, load_sft, lookup
 from katjax.data.bpe import train_and_save
+from katjax.data.jsonl import write_jsonl
 from katjax.envs.base import make_env
 from katjax.stages import eval as eval_stage
 from katjax.stages import figure
@@ -112,7 +113,7 @@ def prepare(config, workdir: str) -> dict:
     if tok.vocab_size > config.model.vocab_size:
       raise ValueError(f"pipeline.vocab_size={p.vocab_size} gave {tok.vocab_size} ids > "
                        f"config.model.vocab_size={config.model.vocab_size}")
-    _write_jsonl(paths["mid"], [{"text": d} for d in docs])
+    write_jsonl(paths["mid"], [{"text": d} for d in docs])
     rng = random.Random(config.data.seed)
     env = make_env(config.rl.env)
     chats = []
@@ -120,7 +121,7 @@ def prepare(config, workdir: str) -> dict:
       messages, tools = env.reset(task)
       chats.append({"id": task["id"], "messages": messages + lookup.expert_episode(task, rng),
                     "tools": tools})
-    _write_jsonl(paths["sft"], chats)
+    write_jsonl(paths["sft"], chats)
   return paths
 
 
@@ -231,10 +232,3 @@ def _tokenizer(path):
   from katjax.model.tokenizer import Tokenizer
   return Tokenizer.from_file(path)
 
-
-def _write_jsonl(path, records):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)  # complete or absent: a killed run regenerates it

@@ -23,6 +23,7 @@ import numpy as np
 from katjax.core.rft import RelativeRewardConfig, relative_reward, similarity_matrix
 from katjax.core.tree import Trajectory
 from katjax.envs.base import make_env
+from katjax.parallel import is_main_process
 from katjax.rollout.deviation import DeviationConfig, DeviationMonitor
 from katjax.stages import rl as rl_stage
 from katjax.stages.common import make_tokenizer
@@ -34,8 +35,9 @@ def run(config, workdir: str) -> dict:
   rewards = RftRewards(make_tokenizer(config, workdir), rl.env, rl.rft)
   summary = rl_stage.train_rl(config, workdir, rft=rewards)
   r = summary["reward_mean"]
-  print(f"rft: steps {summary['start_step']}->{summary['steps']}, mean reward first/last "
-        f"{r[min(r)] if r else None} / {r[max(r)] if r else None}, workdir {workdir}")
+  if is_main_process():
+    print(f"rft: steps {summary['start_step']}->{summary['steps']}, mean reward first/last "
+          f"{r[min(r)] if r else None} / {r[max(r)] if r else None}, workdir {workdir}")
   return summary
 
 

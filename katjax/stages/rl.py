@@ -25,7 +25,8 @@ import numpy as np
 from katjax.core.advantages import grpo_advantages
 from katjax.core.prune import PruneConfig, prune_batch
 from katjax.envs.base import load_tasks, make_env
-from katjax.parallel import batch_sharding, make_mesh, replicated
+from katjax.parallel import batch_sharding, is_main_process, make_mesh, replicated
+from katjax.plan import memory as plan_memory
 from katjax.rollout.agent import AgentLimits
 from katjax.rollout.batch import run_episodes
 from katjax.rollout.sampler import Sampler, SamplingParams
@@ -40,8 +41,9 @@ def run(config, workdir: str) -> dict:
   summary = train_rl(config, workdir)
   rewards = summary["reward_mean"]
   first, last = (rewards[min(rewards)], rewards[max(rewards)]) if rewards else (None, None)
-  print(f"rl: steps {summary['start_step']}->{summary['steps']}, mean reward first/last "
-        f"logged {first} / {last}, workdir {workdir}")
+  if is_main_process():
+    print(f"rl: steps {summary['start_step']}->{summary['steps']}, mean reward first/last "
+          f"logged {first} / {last}, workdir {workdir}")
   return summary
 
 
@@ -152,6 +154,12 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   tree_sh = batch_sharding(tr.mesh, 2, length=True)
   step_fn = make_tree_step(tr.cfg, loss_cfg, tr.optimizer, state_shardings=tr.state_shardings,
                            batch_sharding=tree_sh, out_sharding=replicated(tr.mesh))
+  # A row the devices cannot hold fails here; the checked executable is the one that runs.
+  try:
+    step_fn = fit_tree_step(tr, step_fn, tree_sh) or step_fn
+  except ValueError:
+    tr.close()
+    raise
   state = tr.state
   sampler = Sampler(tr.cfg, state.params, max_len=rl.max_tokens, tokenizer=tokenizer)
   summary = {"start_step": tr.start, "reward_mean": {}, "loss": {}, "workdir": workdir}
@@ -182,6 +190,25 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   tr.close()
   summary.update(steps=tc.steps, state=state)
   return summary
+
+
+def fit_tree_step(tr: Trainer, step_fn, tree_sh, extra=()):
+  """The run's tree step compiled now and checked against the device memory, or None when no
+  budget is known (CPU without `train.memory_budget_gib`).
+
+  A row longer than the mesh can hold stops the run here, before any rollout, naming
+  rl.row_tokens and the largest row that fits (`katjax.plan.fit_tree_step`). The budget is
+  `train.memory_budget_gib`, else the devices' own limit. extra: float arrays the caller
+  adds to the batch (the asynchronous learner's old_logp).
+  """
+  budget, source = plan_memory.device_memory_budget(tr.mesh.devices.flat,
+                                                    tr.run.train.memory_budget_gib)
+  if budget is None:
+    return None
+  rl = tr.run.rl
+  return plan_memory.fit_tree_step(step_fn, tr.state, tr.cfg, rows=rl.num_rows,
+                                   row_tokens=rl.row_tokens, sharding=tree_sh, budget=budget,
+                                   source=source, extra=extra)
 
 
 def _check_batch(rl: RLConfig, mesh) -> None:

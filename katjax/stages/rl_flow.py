@@ -11,7 +11,9 @@ Rollouts run at most `rl.eta` policy versions ahead (eta = 0: the synchronous sc
 hold the custom resource `katjax_agents` (on a local instance, or on the cluster nodes that
 declare it) and reach the engine through the trajectory manager's OpenAI proxy
 (`katjax.flow.proxy`), which records their exact ids and versions here; train steps stay in
-this process (the trainer's devices and state are the driver's).
+this process (the trainer's devices and state are the driver's). The asynchronous trainer is
+one JAX process (several would each schedule their own episodes); on several hosts the
+synchronous stage runs as one job over `jax.distributed`.
 
 Checkpoints hold, beside the train state, the manager's state (finished but untrained groups,
 version counters) and the task order. A resumed run (after a kill) trains the groups that
@@ -38,6 +40,7 @@ from katjax.parallel import batch_sharding, replicated
 from katjax.rollout.agent import AgentLimits
 from katjax.rollout.engine import Engine
 from katjax.rollout.sampler import Sampler, SamplingParams
+from katjax.stages.rl import fit_tree_step
 from katjax.train.trainer import Trainer
 from katjax.train.tree_step import make_tree_step
 
@@ -66,6 +69,14 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
 
   run = parse(config)
   rl, tc = run.rl, run.train
+  if jax.process_count() > 1:
+    # Each host would schedule its own episodes by thread timing: different groups, tree
+    # batches and step times on every host, mixed silently into one global batch.
+    raise ValueError(
+        f"config.rl.mode='async' trains in one JAX process, and this run has "
+        f"{jax.process_count()}: on several hosts use rl.mode='sync' (every host collects the "
+        f"same rollouts), or keep the async trainer in one process and spread its agents with "
+        f"rl.scheduler='ray'")
   manager = TrajectoryManager(rl.group_size, rl.tasks_per_step, eta=rl.eta)
   feeder = TaskFeeder(tasks)
   flow_state = FlowState(manager, feeder)
@@ -76,6 +87,13 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
   tree_sh = batch_sharding(tr.mesh, 2, length=True)  # tokens over `sequence`, if > 1
   step_fn = make_tree_step(tr.cfg, loss_cfg, tr.optimizer, state_shardings=tr.state_shardings,
                            batch_sharding=tree_sh, out_sharding=replicated(tr.mesh))
+  # A row the devices cannot hold fails here (the learner keeps the jitted step: its
+  # old_logp comes from another program, whose output sharding the executable would pin).
+  try:
+    fit_tree_step(tr, step_fn, tree_sh, extra=("old_logp",))
+  except ValueError:
+    tr.close()
+    raise
   learner = TreeLearner(tr.cfg, tr.state, tr.optimizer, loss_cfg, num_rows=rl.num_rows,
                         row_tokens=rl.row_tokens, step_fn=step_fn, batch_sharding=tree_sh,
                         prune_cfg=PruneConfig(selector=rl.prune_selector, norm=loss_cfg.norm,

@@ -62,6 +62,10 @@ class TrainConfig:
   keep: int = 2
   async_checkpoint: bool = True
   peak_flops: float = 0.0  # per device, for MFU; 0: looked up from the device kind
+  # Per device, GiB the RL tree step may use: at start the stage compiles its step and stops,
+  # naming rl.row_tokens and the largest row that fits, if the step's peak exceeds it.
+  # 0: the device's own limit (memory_stats bytes_limit on GPU / TPU); no check on CPU.
+  memory_budget_gib: float = 0.0
 
   def __post_init__(self):
     for name in ("steps", "micro_batches", "log_every", "checkpoint_every", "keep"):

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 
 import jax
 import orbax.checkpoint as ocp
@@ -169,7 +170,12 @@ def make_tokenizer(run, workdir: str | None = None):
     target = os.path.join(workdir, TOKENIZER_FILE)
     if not os.path.exists(target) or not os.path.samefile(target, name):
       os.makedirs(workdir, exist_ok=True)
-      tok.hf.save(target)
+      # Every host of a multi-host run records it in the shared workdir: each writes its own
+      # file and renames it over the target, so no host reads a half-written tokenizer.
+      fd, tmp = tempfile.mkstemp(dir=workdir, prefix=TOKENIZER_FILE + ".", suffix=".tmp")
+      os.close(fd)
+      tok.hf.save(tmp)
+      os.replace(tmp, target)
   return tok
 
 

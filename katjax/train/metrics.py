@@ -18,7 +18,7 @@ class MetricsLogger:
   def __init__(self, logdir: str, total_steps: int, initial_step: int = 0, enabled=True):
     self.enabled = enabled and jax.process_index() == 0  # multi-host: process 0 reports
     self._tb = self._jsonl = self._bar = None
-    if not enabled:
+    if not self.enabled:  # the other processes open no event file, log or progress bar
       return
     os.makedirs(logdir, exist_ok=True)
     self._tb = SummaryWriter(logdir)

@@ -80,3 +80,26 @@ def test_per_host_slices_are_disjoint_and_cover(sft_data):
 def test_default_data_packs_well(sft_data):
   s = sft_data.stats
   assert s.sequences == 60 and s.efficiency > 0.8 and s.loss_tokens > 0
+
+
+def test_write_jsonl_is_all_or_nothing(tmp_path):
+  """Hosts sharing a workdir all write the default data: a reader must never see a partial
+  file, so a writer that fails midway leaves the previous file whole and no temporary."""
+  from katjax.data.jsonl import write_jsonl
+  path = str(tmp_path / "d.jsonl")
+  write_jsonl(path, [{"text": "a"}, {"text": "b"}])
+
+  def broken():
+    yield {"text": "c"}
+    raise RuntimeError("writer killed")
+
+  with pytest.raises(RuntimeError, match="writer killed"):
+    write_jsonl(path, broken())
+  assert read_jsonl(path)[0] == [{"text": "a"}, {"text": "b"}]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+  # two writers of the same default data in one directory: both complete, same content
+  first = write_default_data(str(tmp_path / "data"), n_train=4, n_eval=2)
+  second = write_default_data(str(tmp_path / "data"), n_train=4, n_eval=2)
+  assert first == second
+  assert len(read_jsonl(first["sft_train"])[0]) == 4
+  assert not [p for p in (tmp_path / "data").iterdir() if p.suffix == ".tmp"]

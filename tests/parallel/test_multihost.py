@@ -4,7 +4,10 @@ The same tiny mid-training run on a data=2 x fsdp=2 mesh of 4 devices, laid out 
 x 4 devices, 2 x 2 and 4 x 1: every process reads its own rows of each global batch, so the
 losses and parameters must equal the single-process run's. A checkpoint written by 2
 processes resumes in 1 and one written by 1 resumes in 4, and both continue exactly as the
-uninterrupted single-process run. Bad starts fail with errors naming the problem.
+uninterrupted single-process run. The unchanged RL stage (rollouts with the in-process
+sampler, pruned prefix trees, the tree step) on 1 process x 2 devices and on 2 processes x 1
+device collects the same episodes and ends with the same parameters. Bad starts fail with
+errors naming the problem.
 """
 
 import json
@@ -18,6 +21,7 @@ import numpy as np
 import pytest
 
 from katjax.data import write_default_data
+from katjax.testing import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "parallel", "multihost_worker.py")
@@ -38,12 +42,12 @@ def _env(devices: int, **extra) -> dict:
   return env
 
 
-def launch(n: int, specs, devices: int, timeout: float = 900.0, script=WORKER):
+def launch(n: int, specs, devices: int, timeout: float = 900.0, script=WORKER, env_extra=None):
   """Start n processes (spec i for process i) on `devices` CPU devices each; -> outputs."""
   port = _port()
   procs = []
   for i in range(n):
-    env = _env(devices)
+    env = _env(devices, **(env_extra or {}))
     if n > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n),
                  JAX_PROCESS_ID=str(i), KATJAX_INIT_TIMEOUT="60")
@@ -124,6 +128,113 @@ def test_checkpoint_restores_on_another_process_count(runs, name, processes):
   # the step moved the params: a restore that silently re-initialised would not match
   assert not np.allclose(want["losses"], runs["one"]["losses"][-1:], rtol=1e-3)
   _assert_same(runs[name], want)
+
+
+@pytest.fixture(scope="module")
+def rl_runs(tmp_path_factory):
+  """The RL stage on a data=2 mesh: 2 steps on 1 process x 2 devices and on 2 processes x 1;
+  then, on 1 process, step 3 resumed from each of the two step-2 checkpoints."""
+  tmp = tmp_path_factory.mktemp("multihost_rl")
+  # Two tasks x two rollouts: two trees of ~1000 tokens, one per row, so each data shard
+  # trains on its own tree and the gradient is a real sum over the two devices.
+  config = {"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 1, "rl.tasks_per_step": 2,
+            "rl.group_size": 2, "rl.max_turns": 1, "rl.max_new_tokens": 16,
+            "rl.max_tokens": 1024, "rl.num_rows": 2, "rl.row_tokens": 1024,
+            "train.checkpoint_every": 2, "train.async_checkpoint": False}
+  out = str(tmp / "out")
+  os.makedirs(out)
+  d = lambda name: str(tmp / name)  # noqa: E731
+
+  def spec(jobs):
+    return {"config": config, "jobs": jobs, "out": out, "stage": "rl"}
+
+  # Each resumed run rebuilds the same programs: the persistent cache loads them instead.
+  cache = compile_cache.env(tmp / "jax_cache")
+  _ok(launch(2, [spec([["two", d("two"), 2, None]])] * 2, devices=1, env_extra=cache))
+  _ok(launch(1, [spec([["one", d("one"), 2, None],
+                       ["one_continued", d("one_continued"), 3, d("one")],
+                       ["two_to_one", d("two_to_one"), 3, d("two")]])], devices=2,
+             env_extra=cache))
+  runs = {name: dict(np.load(os.path.join(out, f"{name}.npz")))
+          for name in ("one", "two", "one_continued", "two_to_one")}
+  for name in ("one", "two"):
+    with open(tmp / name / "logs" / "metrics.jsonl") as f:
+      runs[name]["logged"] = [json.loads(line) for line in f]
+    runs[name]["event_files"] = [x for x in os.listdir(tmp / name / "logs")
+                                 if x.startswith("events.")]
+  return runs
+
+
+@pytest.mark.slow
+def test_rl_stage_on_two_processes_equals_one(rl_runs):
+  one, two = rl_runs["one"], rl_runs["two"]
+  assert int(one["processes"]) == 1 and int(two["processes"]) == 2
+  assert int(one["devices"]) == int(two["devices"]) == 2
+  np.testing.assert_array_equal(one["loss_steps"], [1, 2])
+  # Every process sampled the same episodes: their token-derived rewards agree exactly.
+  np.testing.assert_array_equal(two["rewards"], one["rewards"])
+  # Process 0 alone logs: one metrics line per step and one TensorBoard file in the shared
+  # workdir, not one per process.
+  assert [m["step"] for m in two["logged"]] == [1, 2]
+  assert len(two["event_files"]) == 1, two["event_files"]
+  for a, b in zip(two["logged"], one["logged"]):
+    for k in ("flat_tokens", "tree_tokens", "kept_tokens", "trained_tokens"):
+      assert a[k] == b[k], k
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+  assert one["logged"][0]["kept_tokens"] > 1024  # both rows hold a tree
+  # Step 1's loss is on-policy (ratio 1) with advantages summing to zero per group: a
+  # cancellation of O(1) per-token terms, so its reassociation error is absolute (float32
+  # resolution of the terms), not relative to the ~0 result.
+  np.testing.assert_array_equal(two["loss_steps"], one["loss_steps"])
+  np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5, atol=1e-6)
+  params = [k for k in one if k.startswith("[")]
+  assert params and sorted(params) == sorted(k for k in two if k.startswith("["))
+  init = _rl_init_params()
+  moved = 0.0
+  for k in params:  # the same tolerance as mid-training: another summation order at most
+    np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    moved = max(moved, float(np.max(np.abs(one[k] - init[k]))))
+  # Step 1 runs at lr 0 (warmup), step 2 moves the weights: equal params after a no-op
+  # would prove nothing.
+  assert moved > 1e-4
+
+
+@pytest.mark.slow
+def test_rl_checkpoint_of_two_processes_resumes_in_one(rl_runs):
+  """Step 3 from the 2-process step-2 checkpoint (weights, optimizer, the task iterator)
+  equals step 3 from the 1-process one."""
+  got, want = rl_runs["two_to_one"], rl_runs["one_continued"]
+  assert int(got["processes"]) == int(want["processes"]) == 1
+  np.testing.assert_array_equal(want["loss_steps"], [3])
+  np.testing.assert_array_equal(got["loss_steps"], [3])
+  # the same tasks drawn at step 3 (the iterator resumed at the same place): same rollouts
+  np.testing.assert_array_equal(got["rewards"], want["rewards"])
+  assert not np.array_equal(want["rewards"], rl_runs["one"]["rewards"][-1:])
+  np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5, atol=1e-6)
+  for k in want:
+    if k.startswith("["):
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+      # step 3 moved the weights past step 2's: a silent re-init or no-op would not match
+  assert any(not np.allclose(want[k], rl_runs["one"][k], rtol=1e-5, atol=1e-6)
+             for k in want if k.startswith("["))
+
+
+def _rl_init_params() -> dict:
+  """The RL run's step-0 params (random init from train.seed), by parameter path."""
+  import importlib.util
+
+  import jax
+
+  from katjax import model as kmodel
+  spec = importlib.util.spec_from_file_location("rl_tiny", os.path.join(ROOT, "configs",
+                                                                        "rl_tiny.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  cfg = kmodel.ModelConfig(**dict(c.model))
+  params = kmodel.init(cfg, jax.random.split(jax.random.PRNGKey(c.train.seed))[0])
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def test_unreachable_coordinator_is_a_timeout_naming_the_address(tmp_path):
