@@ -132,8 +132,10 @@ def test_checkpoint_restores_on_another_process_count(runs, name, processes):
 
 @pytest.fixture(scope="module")
 def rl_runs(tmp_path_factory):
-  """The RL stage on a data=2 mesh: 2 steps on 1 process x 2 devices and on 2 processes x 1;
-  then, on 1 process, step 3 resumed from each of the two step-2 checkpoints."""
+  """The RL stage on a data=2 mesh: 2 steps on 1 process x 2 devices and on 2 processes x 1.
+  (Checkpoints across process counts are tested on mid-training above; an RL variant,
+  step 3 resumed in 1 process from the 2-process checkpoint, was in commit c5df8ce and was
+  dropped for CI time.)"""
   tmp = tmp_path_factory.mktemp("multihost_rl")
   # Two tasks x two rollouts: two trees of ~1000 tokens, one per row, so each data shard
   # trains on its own tree and the gradient is a real sum over the two devices.
@@ -148,15 +150,10 @@ def rl_runs(tmp_path_factory):
   def spec(jobs):
     return {"config": config, "jobs": jobs, "out": out, "stage": "rl"}
 
-  # Each resumed run rebuilds the same programs: the persistent cache loads them instead.
   cache = compile_cache.env(tmp / "jax_cache")
   _ok(launch(2, [spec([["two", d("two"), 2, None]])] * 2, devices=1, env_extra=cache))
-  _ok(launch(1, [spec([["one", d("one"), 2, None],
-                       ["one_continued", d("one_continued"), 3, d("one")],
-                       ["two_to_one", d("two_to_one"), 3, d("two")]])], devices=2,
-             env_extra=cache))
-  runs = {name: dict(np.load(os.path.join(out, f"{name}.npz")))
-          for name in ("one", "two", "one_continued", "two_to_one")}
+  _ok(launch(1, [spec([["one", d("one"), 2, None]])], devices=2, env_extra=cache))
+  runs = {name: dict(np.load(os.path.join(out, f"{name}.npz"))) for name in ("one", "two")}
   for name in ("one", "two"):
     with open(tmp / name / "logs" / "metrics.jsonl") as f:
       runs[name]["logged"] = [json.loads(line) for line in f]
@@ -197,26 +194,6 @@ def test_rl_stage_on_two_processes_equals_one(rl_runs):
   # Step 1 runs at lr 0 (warmup), step 2 moves the weights: equal params after a no-op
   # would prove nothing.
   assert moved > 1e-4
-
-
-@pytest.mark.slow
-def test_rl_checkpoint_of_two_processes_resumes_in_one(rl_runs):
-  """Step 3 from the 2-process step-2 checkpoint (weights, optimizer, the task iterator)
-  equals step 3 from the 1-process one."""
-  got, want = rl_runs["two_to_one"], rl_runs["one_continued"]
-  assert int(got["processes"]) == int(want["processes"]) == 1
-  np.testing.assert_array_equal(want["loss_steps"], [3])
-  np.testing.assert_array_equal(got["loss_steps"], [3])
-  # the same tasks drawn at step 3 (the iterator resumed at the same place): same rollouts
-  np.testing.assert_array_equal(got["rewards"], want["rewards"])
-  assert not np.array_equal(want["rewards"], rl_runs["one"]["rewards"][-1:])
-  np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5, atol=1e-6)
-  for k in want:
-    if k.startswith("["):
-      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
-      # step 3 moved the weights past step 2's: a silent re-init or no-op would not match
-  assert any(not np.allclose(want[k], rl_runs["one"][k], rtol=1e-5, atol=1e-6)
-             for k in want if k.startswith("["))
 
 
 def _rl_init_params() -> dict:
