@@ -52,5 +52,5 @@ def _pipeline(c):
               max_turns=3, max_new_tokens=96, max_tokens=512, num_rows=2, row_tokens=2048,
               norm="token-mean", prune_selector="entropy")
   c.eval.update(num_tasks=64, seed=0, temperature=0.0, samples=1)
-  c.pipeline.update(stages="base,sft,rl", sft_episodes=2000, sft_steps=40, sft_lr=1e-4,
-                    rl_steps=6, rl_lr=2e-5)
+  c.pipeline.update(stages="base,sft,rl", sft_episodes=2000, sft_steps=30, sft_lr=1e-4,
+                    rl_steps=5, rl_lr=2e-5)
