@@ -2,18 +2,23 @@
 
     python -m katjax.launch --stage=all --config=configs/pipeline_tiny.py --workdir=DIR
 
-The miniature of the KAT report's figure 5 (DESIGN.md section 8). One workdir:
+The miniature of the KAT report's figure 5 (DESIGN.md section 8). `pipeline.stages` picks
+the stages (a subsequence of base, mid, sft, rft, rl; e.g. "base,sft,rl"). The base model
+is `config.init_from` (a Hugging Face folder or a workdir) when set, with its own tokenizer
+(`config.tokenizer`, "" = init_from's); with neither set it is the seeded random init and
+the run trains a compact BPE (configs/pipeline_tiny.py). One workdir:
 
     DIR/tokenizer.json   compact BPE trained on the mid corpus (before anything else, so
-                         the base model is evaluated with the vocabulary every stage uses)
+                         the base model is evaluated with the vocabulary every stage uses;
+                         only when neither config.tokenizer nor config.init_from is set)
     DIR/data/            mid corpus, SFT expert episodes (JSONL)
     DIR/<stage>/         checkpoints/, logs/, eval.json (the stage's held-out metrics)
     DIR/results.json     {"stages": [{"stage", "success", "ci95", "mean_turns",
                           "parallel_call_share", "wall_s"}, ...]}
     DIR/figure5.png      success per stage with its 95% interval, and the RL reward curve
 
-Each stage starts from the previous stage's workdir (`init_from`; mid from the seeded random
-init base was evaluated with); a stage with `pipeline.<stage>_steps=0` is left out (no
+Each stage starts from the previous stage's workdir (`init_from`; the first training stage
+from the params base was evaluated with); a stage with `pipeline.<stage>_steps=0` is left out (no
 training, no evaluation). A stage whose eval.json exists is finished: a rerun skips it (and
 says so) and the next stage starts from its checkpoint; a finished stage without a
 checkpoint is a ValueError naming the folder. Ctrl-C
@@ -40,23 +45,28 @@ from katjax.data.jsonl import write_jsonl
 from katjax.envs.base import make_env
 from katjax.stages import eval as eval_stage
 from katjax.stages import figure
+from katjax.train.config import PIPELINE_STAGES as STAGES
 from katjax.train.config import parse
 
-STAGES = ("base", "mid", "sft", "rft", "rl")
 __all__ = ["STAGES", "run", "prepare", "upweight_args"]
 
 
 def run(config, workdir: str) -> dict:
   p = config.pipeline
+  stages = parse(config).pipeline.stage_list()
   workdir = os.path.abspath(workdir)
   paths = prepare(config, workdir)
   config = _with(config, tokenizer=paths["tokenizer"])
   tokenizer = _tokenizer(paths["tokenizer"])
+  cfg = parse(config).model
+  from katjax.model.hf import check_vocab
+  check_vocab(tokenizer, cfg)  # base is evaluated before any stage checks it
   held = eval_stage.heldout_tasks(config)  # checks against the RL / RFT tasks
   lookup.check_disjoint(held, _sft_tasks(config), what="eval (vs SFT data)")
-  cfg = parse(config).model
+  print(f"[all] stages {', '.join(stages)}; tokenizer {paths['tokenizer']}; base "
+        f"{config.init_from or 'random init (train.seed)'}")
   results, sampler = [], None
-  for i, stage in enumerate(STAGES):
+  for i, stage in enumerate(stages):
     sdir = os.path.join(workdir, stage)
     done = os.path.join(sdir, "eval.json")
     if os.path.exists(done):
@@ -67,8 +77,8 @@ def run(config, workdir: str) -> dict:
     if stage != "base" and getattr(p, f"{stage}_steps") == 0:
       print(f"[all] {stage}: pipeline.{stage}_steps=0, left out (params pass through)")
       continue
-    trained = [s for s in STAGES[:i] if s == "base" or getattr(p, f"{s}_steps") > 0]
-    prev = _finished_workdir(workdir, trained[-1]) if i else None
+    trained = [s for s in stages[:i] if s == "base" or getattr(p, f"{s}_steps") > 0]
+    prev = _finished_workdir(workdir, trained[-1], config) if trained else config.init_from
     t0 = time.perf_counter()
     params, extra = _train(stage, config, sdir, prev, p)
     # One placement for every stage's params (training leaves them mesh-sharded): the
@@ -101,19 +111,33 @@ def run(config, workdir: str) -> dict:
 
 
 def prepare(config, workdir: str) -> dict:
-  """Writes (once; deterministic) the tokenizer and the LM stages' data; returns paths."""
+  """Writes (once; deterministic) what the listed stages need: the BPE tokenizer (only when
+  neither config.tokenizer nor config.init_from names one) and the mid / SFT data.
+  Returns {"tokenizer": a tokenizer.json path or "byte", "mid", "sft": JSONL paths of the
+  listed LM stages}."""
   p = config.pipeline
+  stages = parse(config).pipeline.stage_list()
   data = os.path.join(workdir, "data")
   os.makedirs(data, exist_ok=True)
-  paths = {"tokenizer": os.path.join(workdir, "tokenizer.json"),
-           "mid": os.path.join(data, "mid.jsonl"), "sft": os.path.join(data, "sft.jsonl")}
-  if not all(os.path.exists(x) for x in paths.values()):
+  paths = {s: os.path.join(data, f"{s}.jsonl") for s in ("mid", "sft") if s in stages}
+  bpe = not (config.tokenizer or config.init_from)
+  if bpe:
+    paths["tokenizer"] = os.path.join(workdir, "tokenizer.json")
+  else:  # the pretrained model's own tokenizer (config.tokenizer "" = init_from's)
+    from katjax.train.init_from import tokenizer_of
+    paths["tokenizer"] = config.tokenizer or tokenizer_of(config.init_from)
+  docs = None
+  if (bpe and not os.path.exists(paths["tokenizer"])) or (
+      "mid" in paths and not os.path.exists(paths["mid"])):
     docs = lookup.mid_corpus(p.mid_docs, seed=config.data.seed)
+  if bpe and not os.path.exists(paths["tokenizer"]):
     tok = train_and_save(docs, p.vocab_size, paths["tokenizer"])
     if tok.vocab_size > config.model.vocab_size:
       raise ValueError(f"pipeline.vocab_size={p.vocab_size} gave {tok.vocab_size} ids > "
                        f"config.model.vocab_size={config.model.vocab_size}")
+  if "mid" in paths and not os.path.exists(paths["mid"]):
     write_jsonl(paths["mid"], [{"text": d} for d in docs])
+  if "sft" in paths and not os.path.exists(paths["sft"]):
     rng = random.Random(config.data.seed)
     env = make_env(config.rl.env)
     chats = []
@@ -129,9 +153,9 @@ def prepare(config, workdir: str) -> dict:
 
 
 def _train(stage, config, sdir, prev, p):
-  """Trains one stage from the previous stage's workdir `prev` (config.init_from; mid
-  starts from the seeded random init that base was evaluated with); returns (params,
-  extra metrics for eval.json)."""
+  """Trains one stage from `prev`: the previous stage's workdir, or for the first training
+  stage config.init_from ("" = the seeded random init that base was evaluated with);
+  returns (params, extra metrics for eval.json)."""
   from katjax.stages.common import make_tokenizer
   from katjax.train.loop import train_lm
   if stage == "base":
@@ -196,17 +220,23 @@ def _stage_config(config, steps, lr):
 
 
 def _base_params(config):
-  """The random init of the base model: the one a stage with empty init_from starts from
-  (katjax.train.trainer.Trainer.setup's key for the same train.seed)."""
+  """The base model: config.init_from's params, else the random init a stage with empty
+  init_from starts from (katjax.train.trainer.Trainer.setup's key for the same
+  train.seed)."""
+  cfg = parse(config).model
+  if config.init_from:
+    from katjax.train.init_from import load_params
+    return load_params(cfg, config.init_from, None)
   init_key, _ = jax.random.split(jax.random.PRNGKey(config.train.seed))
-  return kmodel.init(parse(config).model, init_key)
+  return kmodel.init(cfg, init_key)
 
 
-def _finished_workdir(workdir, stage):
-  """The workdir the next stage initialises from (None for base: the random init); a
-  ValueError when the stage finished but its checkpoint is gone."""
+def _finished_workdir(workdir, stage, config):
+  """What the next stage initialises from: config.init_from after base ("" = the random
+  init), else the stage's workdir (ValueError when the stage finished but its checkpoint
+  is gone)."""
   if stage == "base":
-    return None
+    return config.init_from
   from katjax.train.init_from import latest_step
   sdir = os.path.join(workdir, stage)
   if latest_step(sdir) is None:
@@ -229,6 +259,6 @@ def _with(config, **fields):
 
 
 def _tokenizer(path):
-  from katjax.model.tokenizer import Tokenizer
-  return Tokenizer.from_file(path)
+  from katjax.model.tokenizer import ByteTokenizer, Tokenizer
+  return ByteTokenizer() if path == "byte" else Tokenizer.from_file(path)
 

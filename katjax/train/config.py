@@ -198,11 +198,17 @@ class EvalConfig:
   tasks_file: str = ""  # JSONL of evaluation tasks; "": the generated held-out split
 
 
+PIPELINE_STAGES = ("base", "mid", "sft", "rft", "rl")  # --stage=all's order
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  """--stage=all: the BPE it trains, the LM stages' data sizes, and per stage its steps
-  (0 leaves the stage out) and peak learning rate."""
+  """--stage=all: which stages run, the BPE it trains, the LM stages' data sizes, and per
+  stage its steps (0 leaves the stage out) and peak learning rate."""
 
+  # Comma-separated, in PIPELINE_STAGES order (each stage starts from the one before it);
+  # e.g. "base,sft,rl" for a pretrained model that brings its own tokenizer (no mid).
+  stages: str = ",".join(PIPELINE_STAGES)
   vocab_size: int = 640
   mid_docs: int = 3000
   sft_episodes: int = 2000
@@ -217,6 +223,27 @@ class PipelineConfig:
   rft_lr: float = 5e-4
   rl_steps: int = 20
   rl_lr: float = 5e-4
+
+  def __post_init__(self):
+    self.stage_list()  # a bad list fails when the config is parsed, before anything runs
+
+  def stage_list(self) -> tuple[str, ...]:
+    """`stages` as a tuple; ValueError naming an unknown, repeated or misordered stage."""
+    names = tuple(s.strip() for s in self.stages.split(","))
+    where = f"config.pipeline.stages={self.stages!r}"
+    if not self.stages.strip() or "" in names:
+      raise ValueError(f"{where}: expected comma-separated stage names from "
+                       f"{', '.join(PIPELINE_STAGES)}, with no empty entry")
+    unknown = [s for s in names if s not in PIPELINE_STAGES]
+    if unknown:
+      raise ValueError(f"{where}: unknown stage(s) {unknown}; known: "
+                       f"{', '.join(PIPELINE_STAGES)}")
+    if len(set(names)) != len(names):
+      raise ValueError(f"{where}: a stage is listed twice")
+    if list(names) != sorted(names, key=PIPELINE_STAGES.index):
+      raise ValueError(f"{where}: stages must keep the order {', '.join(PIPELINE_STAGES)} "
+                       f"(each starts from the previous one's params)")
+    return names
 
 
 @dataclasses.dataclass(frozen=True)

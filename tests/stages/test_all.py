@@ -104,3 +104,75 @@ def test_sft_arg_weight_upweights_exactly_the_copied_keys_and_values(tmp_path):
   assert 2 * 40 <= n_args < w.sum() / 4
   with pytest.raises(ValueError, match="sft_arg_weight"):
     all_stage.upweight_args(plain, tok, 0)
+
+
+def test_stage_list_from_a_pretrained_base_chains_init_from(tmp_path, monkeypatch):
+  """pipeline.stages="base,sft,rl" with init_from a HF folder: base is evaluated with that
+  folder's params and tokenizer (no BPE, no mid data), SFT starts from the folder, RL from
+  SFT's workdir. Training and evaluation are stubbed: this is the chaining logic only."""
+  import jax
+  import numpy as np
+  from katjax import model as kmodel
+  from katjax.model.tokenizer import ByteTokenizer
+  from katjax.stages import all as all_stage
+  from katjax.stages import eval as eval_stage
+  from katjax.train import init_from
+  from katjax.train.config import parse
+  config = _config()
+  config.pipeline.stages = "base,sft,rl"
+  config.pipeline.sft_episodes = 20
+  cfg = parse(config).model
+  pretrained = kmodel.init(cfg, jax.random.PRNGKey(7))
+  hf_dir = str(tmp_path / "hf")
+  kmodel.to_hf(cfg, pretrained, hf_dir, tokenizer=ByteTokenizer())
+  config.init_from = hf_dir  # config.tokenizer stays "": the folder's tokenizer.json
+
+  train, calls = all_stage._train, []
+
+  def fake_train(stage, c, sdir, prev, p):
+    calls.append((stage, prev, c.init_from, c.tokenizer))
+    if stage == "base":
+      return train(stage, c, sdir, prev, p)
+    return pretrained, ({"reward_curve": {"1": 0.0}} if stage == "rl" else {})
+
+  evaluated = []
+
+  def fake_evaluate(sampler, tokenizer, tasks, ev, rl, on_turn=None):
+    evaluated.append(tokenizer.vocab_size)
+    return {"n_tasks": len(tasks), "k": 1, "success": 0.5, "ci95": [0.4, 0.6],
+            "mean_turns": 2.0, "mean_tool_calls": 2.0, "parallel_call_share": 0.0,
+            "tokens_per_episode": 100.0, "success_by_level": {"1": 0.5}, "finish_reasons": {}}
+
+  monkeypatch.setattr(all_stage, "_train", fake_train)
+  monkeypatch.setattr(eval_stage, "evaluate", fake_evaluate)
+  monkeypatch.setattr(init_from, "latest_step", lambda workdir: 1)  # stubbed stages save none
+  monkeypatch.setattr(all_stage, "_base_params", _recording(all_stage._base_params, calls))
+  work = tmp_path / "run"
+  out = all_stage.run(config, str(work))
+
+  assert [s["stage"] for s in out["stages"]] == ["base", "sft", "rl"]
+  tok_json = str(tmp_path / "hf" / "tokenizer.json")
+  base_params = calls[1]
+  assert [c[:2] for c in (calls[0], calls[2], calls[3])] == [
+      ("base", hf_dir), ("sft", hf_dir), ("rl", str(work / "sft"))]
+  assert all(c[3] == tok_json for c in (calls[0], calls[2], calls[3]))
+  from katjax.model.tokenizer import Tokenizer
+  assert evaluated == [Tokenizer.from_file(tok_json).vocab_size] * 3  # the folder's (261)
+  # base is the folder's params, not the seeded random init
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                                   base_params, pretrained))
+  assert not (work / "tokenizer.json").exists() and not (work / "data" / "mid.jsonl").exists()
+  assert (work / "data" / "sft.jsonl").exists() and (work / "results.json").exists()
+  # A rerun finds every listed stage finished and trains nothing.
+  n = len(calls)
+  assert [s["stage"] for s in all_stage.run(config, str(work))["stages"]] == [
+      "base", "sft", "rl"]
+  assert len(calls) == n
+
+
+def _recording(fn, calls):
+  def wrapped(config):
+    params = fn(config)
+    calls.append(params)
+    return params
+  return wrapped

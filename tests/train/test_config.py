@@ -21,12 +21,12 @@ FIELDS = {"model": ("d_model", "wide"), "data": ("seq_len", 1.5), "optimizer": (
           "pipeline": ("sft_steps", "many")}
 
 
-def load(name):
+def load(name, *variant):
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs",
                                                                    f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  return mod.get_config(*variant)
 
 
 def _section(c, dotted):
@@ -108,3 +108,31 @@ def test_typed_placeholders_take_values_of_their_type():
   run = schema.parse(c)
   assert run.model.head_dim == 32 and run.rl.policy_loss().dual_clip == 3.0
   assert run.rl.policy_loss().norm == run.rl.norm
+
+
+@pytest.mark.parametrize("stages, error", [
+    ("base,midd,sft", r"unknown stage\(s\) \['midd'\]"),
+    ("base,sft,sft", "listed twice"),
+    ("sft,base", "must keep the order"),
+    ("base,,rl", "no empty entry"),
+    ("", "no empty entry"),
+])
+def test_pipeline_stage_list_errors_name_the_problem(stages, error):
+  c = load("pipeline_tiny")
+  c.pipeline.stages = stages
+  with pytest.raises(ValueError, match=rf"config\.pipeline\.stages={stages!r}: .*{error}"):
+    schema.parse(c)
+
+
+def test_pipeline_stage_lists():
+  assert schema.parse(load("pipeline_tiny")).pipeline.stage_list() == (
+      "base", "mid", "sft", "rft", "rl")
+  c = load("pipeline_tiny")
+  c.pipeline.stages = " sft, rl"  # spaces allowed; base may be left out
+  assert schema.parse(c).pipeline.stage_list() == ("sft", "rl")
+  # The SmolLM2 pipeline (`--config=configs/smollm2_135m.py:pipeline`): no BPE, no mid.
+  smol = schema.parse(load("smollm2_135m", "pipeline"))
+  assert smol.pipeline.stage_list() == ("base", "sft", "rl")
+  assert smol.tokenizer == "" and smol.rl.env == "lookup" and smol.model.dtype == "float32"
+  with pytest.raises(ValueError, match="unknown variant 'pipe'"):
+    load("smollm2_135m", "pipe")
