@@ -20,7 +20,12 @@ SFT checkpoint itself. Prints, and writes to DIR/flow_learning.json:
      "async": {..., eta, rollout_slots, mean_staleness, trainer_bubble, rollout_idle,
                trajectories_per_s, tokens_per_s, failed_episodes},
      "async_within_sync_interval": sync ci95[0] <= async success <= sync ci95[1],
-     "async_below_sync_interval": async success < sync ci95[0]}
+     "async_below_sync_interval": async success < sync ci95[0],
+     "paired": {"async_vs_sync": {only_first, only_second, p}, "sync_vs_sft", "async_vs_sft"}}
+
+`paired` counts, on the same held-out tasks, those solved by one policy and not the other,
+with the exact McNemar p-value; `reward_gain` is the mean rollout reward of the last quarter
+of the steps minus the first quarter's (did RL move the sampled policy at all).
 
 The issue's goal (#16) is "async reaches the synchronous run's success within its 95%
 interval in the same number of train steps". The interval is a Wilson interval over the
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import time
@@ -68,7 +74,7 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
   cfg = parse(config).model
   sft_dir = os.path.join(workdir, "sft")
   pipeline._finished_workdir(workdir, "sft")  # a ValueError if its checkpoint is gone
-  sampler = None
+  sampler, solved = None, {}  # per evaluation (sft, sync, async): solved per task
 
   def evaluate(params):
     nonlocal sampler
@@ -80,7 +86,8 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
                         max_batch=256)
     else:
       sampler.update_weights(params)
-    m = eval_stage.evaluate(sampler, tokenizer, held, config.eval, config.rl)
+    m = eval_stage.evaluate(sampler, tokenizer, held, config.eval, config.rl, per_task=True)
+    solved[len(solved)] = m["solved"]
     return dict({k: m[k] for k in _EVAL_KEYS}, eval_s=round(time.perf_counter() - t0, 1))
 
   # SFT is evaluated here too (not read from sft/eval.json), so the three figures come from
@@ -101,7 +108,7 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
     curve = extra["reward_curve"]
     res = evaluate(params)
     res.update(steps_trained=len(curve), start_step=extra["start_step"], init_from=sft_dir,
-               wall_s=round(wall, 1), reward_curve=curve)
+               wall_s=round(wall, 1), reward_gain=_gain(curve), reward_curve=curve)
     if mode == "async":
       res.update({k: extra["flow"][k] for k in _FLOW_KEYS}, rollout_slots=c.rl.rollout_slots)
     if verbose:
@@ -113,12 +120,34 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
   a = out["async"]["success"]
   out["async_within_sync_interval"] = bool(lo <= a <= hi)
   out["async_below_sync_interval"] = bool(a < lo)
+  # Paired on the same tasks (more sensitive than the two intervals): the discordant tasks
+  # and the exact two-sided McNemar p-value.
+  out["paired"] = {"sync_vs_sft": _paired(solved[1], solved[0]),
+                   "async_vs_sft": _paired(solved[2], solved[0]),
+                   "async_vs_sync": _paired(solved[2], solved[1])}
   with open(os.path.join(workdir, "flow_learning.json"), "w") as f:
     json.dump(out, f, indent=1)
   if verbose:
     print("[flow_learning] stages before RL: "
           + ", ".join(f"{s['stage']} {s['success']:.3f}" for s in stages["stages"]))
   return out
+
+
+def _paired(a, b) -> dict:
+  """{"only_first", "only_second", "p"}: tasks solved by one policy and not the other, and
+  the exact McNemar p-value (two-sided binomial test of the discordant pairs at 1/2)."""
+  x = sum(bool(u) and not v for u, v in zip(a, b))
+  y = sum(bool(v) and not u for u, v in zip(a, b))
+  n = x + y
+  p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(x, y) + 1)) / 2 ** n)
+  return {"only_first": x, "only_second": y, "p": round(p, 4)}
+
+
+def _gain(curve: dict) -> float:
+  """Mean rollout reward of the last quarter of the steps minus that of the first."""
+  r = [curve[k] for k in sorted(curve, key=int)]
+  q = max(1, len(r) // 4)
+  return round(sum(r[-q:]) / q - sum(r[:q]) / q, 4) if r else 0.0
 
 
 def _with(config, **fields):
@@ -136,6 +165,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (a pipeline workdir; made if missing)")
+  from absl import flags, logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
   from katjax.train.config import parse
   try:
     parse(_CONFIG.value)
