@@ -6,12 +6,13 @@
 DIR is a pipeline workdir (`--stage=all`, katjax/stages/all.py). Its stages up to SFT are
 run first if they are not finished (`all.run(..., until="sft")`: a rerun reuses them). Then
 RL runs twice from the SFT checkpoint, with the pipeline's RL settings
-(`pipeline.rl_steps` steps at `pipeline.rl_lr`, the `config.rl` fields) and the same seeds:
-once `rl.mode="sync"` (stages/rl.py) and once `rl.mode="async"` (stages/rl_flow.py, at the
-config's `rl.eta` and `rl.rollout_slots`), each in a fresh DIR/flow_learning/<mode> (deleted
-first, so neither resumes an earlier run). Both are evaluated by the pipeline's evaluation
-(stages/eval.py: greedy, the same `eval.num_tasks` held-out tasks, same seed), as is the
-SFT checkpoint itself. Prints, and writes to DIR/flow_learning.json:
+(`pipeline.rl_steps` steps at `pipeline.rl_lr`, the `config.rl` fields), the same seeds and
+the same task stream (`stages.rl.task_order`): once `rl.mode="sync"` (stages/rl.py) and once
+`rl.mode="async"` (stages/rl_flow.py, at the config's `rl.eta` and `rl.rollout_slots`), each
+in a fresh DIR/flow_learning/<mode> (deleted first, so neither resumes an earlier run). Both
+are evaluated by the pipeline's evaluation (stages/eval.py with `config.eval`: greedy in
+pipeline_tiny, the same `eval.num_tasks` held-out tasks, same seed), as is the SFT
+checkpoint itself. Prints, and writes to DIR/flow_learning.json:
 
     {"steps": N, "eval_tasks": n, "sft": {success, ci95, ...},
      "sync":  {success, ci95, success_by_level, ..., steps_trained, start_step, init_from,
