@@ -65,11 +65,13 @@ def test_sync_and_async_train_the_same_steps_from_the_same_sft(tmp_path):
   lo, hi = out["sync"]["ci95"]
   assert out["async_within_sync_interval"] == (lo <= out["async"]["success"] <= hi)
   # Paired counts on the same tasks: solved-by-one-only differ by the difference in solved.
-  for name, (x, y) in {"async_vs_sync": ("async", "sync"), "sync_vs_sft": ("sync", "sft"),
-                       "async_vs_sft": ("async", "sft")}.items():
-    pair = out["paired"][name]
-    assert pair["only_first"] - pair["only_second"] == round(
-        6 * (out[x]["success"] - out[y]["success"])), name
+  # Greedy (config.eval) and sampled at rl.temperature (the policy RL trains).
+  for sfx, get in (("", lambda m: out[m]), ("_sampled", lambda m: out[m]["sampled"])):
+    for name, (x, y) in {"async_vs_sync": ("async", "sync"), "sync_vs_sft": ("sync", "sft"),
+                         "async_vs_sft": ("async", "sft")}.items():
+      pair = out["paired" + sfx][name]
+      assert pair["only_first"] - pair["only_second"] == round(
+          6 * (get(x)["success"] - get(y)["success"])), name + sfx
 
   # A rerun with 1 step: SFT is reused untouched; each RL run starts again from SFT (the
   # step-2 checkpoint left in flow_learning/<mode> would otherwise count as finished).
