@@ -23,7 +23,10 @@ def get_config():
   c.mesh.update(data=1)
   c.rl.update(env="lookup", num_tasks=2000, tasks_per_step=8, group_size=8, temperature=1.0,
               max_turns=3, max_new_tokens=80, max_tokens=512, num_rows=4, row_tokens=2048,
-              norm="token-mean", prune_selector="entropy")
+              norm="token-mean", prune_selector="entropy",
+              # --config.rl.mode=async (stages/rl_flow.py): a whole step's episodes at once
+              # on the engine, as the synchronous loop batches them, one version ahead.
+              rollout_slots=64, eta=1)
   c.rl.rft.update(metric="lcs", outcome_weight=0.5, monitor=False, teacher_branch=True)
   c.eval.update(num_tasks=200, seed=0, temperature=0.0, samples=1)
   # Mid-training needs ~400 steps at lr 1e-2 to learn the copy drills (200 steps, or

@@ -48,12 +48,22 @@ from katjax.stages import figure
 from katjax.train.config import PIPELINE_STAGES as STAGES
 from katjax.train.config import parse
 
-__all__ = ["STAGES", "run", "prepare", "upweight_args"]
+__all__ = ["STAGES", "run", "prepare", "train_stage", "upweight_args"]
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, *, until: str = "") -> dict:
+  """Runs (or resumes) the stages up to and including `until`; returns {"stages": [...]}.
+
+  until: the last stage to run ("" = the last of pipeline.stages; e.g. "sft" for a workdir
+  that later stages start from: `katjax.bench.flow_learning`). results.json and the figure
+  are written only by a run to the last stage, so a partial run never overwrites a complete
+  run's record.
+  """
   p = config.pipeline
   stages = parse(config).pipeline.stage_list()
+  until = until or stages[-1]
+  if until not in stages:
+    raise ValueError(f"until={until!r} is not one of pipeline.stages {stages}")
   workdir = os.path.abspath(workdir)
   paths = prepare(config, workdir)
   config = _with(config, tokenizer=paths["tokenizer"])
@@ -66,7 +76,7 @@ def run(config, workdir: str) -> dict:
   print(f"[all] stages {', '.join(stages)}; tokenizer {paths['tokenizer']}; base "
         f"{config.init_from or 'random init (train.seed)'}")
   results, sampler = [], None
-  for i, stage in enumerate(stages):
+  for i, stage in enumerate(stages[:stages.index(until) + 1]):
     sdir = os.path.join(workdir, stage)
     done = os.path.join(sdir, "eval.json")
     if os.path.exists(done):
@@ -80,7 +90,7 @@ def run(config, workdir: str) -> dict:
     trained = [s for s in stages[:i] if s == "base" or getattr(p, f"{s}_steps") > 0]
     prev = _finished_workdir(workdir, trained[-1], config) if trained else config.init_from
     t0 = time.perf_counter()
-    params, extra = _train(stage, config, sdir, prev, p)
+    params, extra = train_stage(stage, config, sdir, prev)
     # One placement for every stage's params (training leaves them mesh-sharded): the
     # shared sampler's compiled programs then serve all five evaluations.
     params = jax.device_put(jax.device_get(params), jax.devices()[0])
@@ -102,6 +112,8 @@ def run(config, workdir: str) -> dict:
     results.append(metrics)
   keys = ("stage", "success", "ci95", "mean_turns", "parallel_call_share", "wall_s")
   out = {"stages": [{k: r[k] for k in keys} for r in results]}
+  if until != stages[-1]:
+    return out
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(out, f, indent=1)
   print(figure.table(results))
@@ -152,12 +164,14 @@ def prepare(config, workdir: str) -> dict:
 # --- stages -----------------------------------------------------------------------------------
 
 
-def _train(stage, config, sdir, prev, p):
+def train_stage(stage, config, sdir, prev):
   """Trains one stage from `prev`: the previous stage's workdir, or for the first training
-  stage config.init_from ("" = the seeded random init that base was evaluated with);
-  returns (params, extra metrics for eval.json)."""
+  stage config.init_from ("" = the seeded random init that base was evaluated with), with
+  the stage's `pipeline.<stage>_steps` and `_lr`; returns (params, extra metrics for
+  eval.json). config.tokenizer must be the pipeline's (`prepare`)."""
   from katjax.stages.common import make_tokenizer
   from katjax.train.loop import train_lm
+  p = config.pipeline
   if stage == "base":
     return _base_params(config), {}
   c = _stage_config(config, getattr(p, f"{stage}_steps"), getattr(p, f"{stage}_lr"))
@@ -183,7 +197,10 @@ def _train(stage, config, sdir, prev, p):
         f"{c.rl.group_size} rollouts")
   summary = rl_stage.train_rl(c, sdir, rft=rft)
   curve = {str(k): v for k, v in sorted(summary["reward_mean"].items())}
-  return summary["state"].params, {"reward_curve": curve}
+  extra = {"reward_curve": curve, "start_step": summary["start_step"]}
+  if "flow" in summary:  # rl.mode="async": staleness, bubble, throughput (stages/rl_flow.py)
+    extra["flow"] = summary["flow"]
+  return summary["state"].params, extra
 
 
 def upweight_args(data, tokenizer, weight: int):

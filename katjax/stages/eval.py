@@ -50,11 +50,13 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
   return (lo, hi)
 
 
-def evaluate(sampler, tokenizer, tasks: list[dict], ev, rl, *, on_turn=None) -> dict:
+def evaluate(sampler, tokenizer, tasks: list[dict], ev, rl, *, on_turn=None,
+             per_task: bool = False) -> dict:
   """Runs the evaluation episodes of `tasks`; returns the metrics dict.
 
   ev: config.eval (seed, temperature: 0 = greedy, samples: k of pass@k, ignored when
-  greedy); rl: config.rl (env, max_turns, max_new_tokens, max_tokens).
+  greedy); rl: config.rl (env, max_turns, max_new_tokens, max_tokens). per_task: also
+  "solved", one bool per task in order (for paired comparisons of two policies).
   """
   greedy = float(ev.temperature) == 0.0
   k = 1 if greedy else int(ev.samples)
@@ -71,12 +73,19 @@ def evaluate(sampler, tokenizer, tasks: list[dict], ev, rl, *, on_turn=None) -> 
   finally:
     for env in envs:
       env.close()
-  return summarize(tasks, rollouts, k)
+  metrics = summarize(tasks, rollouts, k)
+  if per_task:
+    metrics["solved"] = [bool(x) for x in _solved(rollouts, len(tasks), k)]
+  return metrics
+
+
+def _solved(rollouts, n: int, k: int) -> np.ndarray:
+  return np.asarray([r.reward > 0.5 for r in rollouts]).reshape(n, k).any(axis=1)
 
 
 def summarize(tasks: list[dict], rollouts, k: int) -> dict:
   """Metrics of len(tasks) * k rollouts (task-major)."""
-  solved = np.asarray([r.reward > 0.5 for r in rollouts]).reshape(len(tasks), k).any(axis=1)
+  solved = _solved(rollouts, len(tasks), k)
   turns = np.asarray([r.num_turns for r in rollouts], np.float64)
   reasons = collections.Counter(r.finish_reason for r in rollouts)
   levels = collections.defaultdict(list)

@@ -63,6 +63,12 @@ def load_rl_tasks(rl: RLConfig) -> list[dict]:
   return generate_tasks(rl.num_tasks, seed=rl.task_seed)
 
 
+def task_order(tasks: list[dict], rl: RLConfig):
+  """The tasks in the order RL trains on them, sync and async alike (a grain MapDataset):
+  shuffled by rl.task_seed, as generated task lists cycle through the levels."""
+  return grain.MapDataset.source(tasks).shuffle(seed=rl.task_seed)
+
+
 def collect_groups(sampler, tokenizer, tasks, rl: RLConfig, *, step: int,
                    rft=None) -> tuple[list, dict]:
   """Rollouts of every task -> (groups of core.tree.Trajectory with advantages, stats).
@@ -142,10 +148,12 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
     if rft is not None:
       raise ValueError("config.rl.mode='async' runs --stage=rl only; RFT is synchronous")
     from katjax.stages.rl_flow import train_rl_async
-    return train_rl_async(config, workdir, tasks, tokenizer, verbose=verbose)
+    # The flow admits tasks in this order (cycled): the order the synchronous loop takes.
+    return train_rl_async(config, workdir, list(task_order(tasks, rl)), tokenizer,
+                          verbose=verbose)
   # Enough epochs for every step (finite: grain's iterator needs an index-sized length).
   epochs = -(-tc.steps * rl.tasks_per_step // len(tasks)) + 1
-  ds = grain.MapDataset.source(tasks).shuffle(seed=rl.task_seed).repeat(epochs)
+  ds = task_order(tasks, rl).repeat(epochs)
   it = iter(ds.batch(rl.tasks_per_step, batch_fn=list).to_iter_dataset())
   tr = Trainer.setup(config, workdir, it, tokenizer, verbose=verbose)
   loss_cfg = rl.policy_loss()  # rl.norm, once: the tree weights, the loss and pruning

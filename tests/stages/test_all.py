@@ -127,12 +127,12 @@ def test_stage_list_from_a_pretrained_base_chains_init_from(tmp_path, monkeypatc
   kmodel.to_hf(cfg, pretrained, hf_dir, tokenizer=ByteTokenizer())
   config.init_from = hf_dir  # config.tokenizer stays "": the folder's tokenizer.json
 
-  train, calls = all_stage._train, []
+  train, calls = all_stage.train_stage, []
 
-  def fake_train(stage, c, sdir, prev, p):
+  def fake_train(stage, c, sdir, prev):
     calls.append((stage, prev, c.init_from, c.tokenizer))
     if stage == "base":
-      return train(stage, c, sdir, prev, p)
+      return train(stage, c, sdir, prev)
     return pretrained, ({"reward_curve": {"1": 0.0}} if stage == "rl" else {})
 
   evaluated = []
@@ -143,7 +143,7 @@ def test_stage_list_from_a_pretrained_base_chains_init_from(tmp_path, monkeypatc
             "mean_turns": 2.0, "mean_tool_calls": 2.0, "parallel_call_share": 0.0,
             "tokens_per_episode": 100.0, "success_by_level": {"1": 0.5}, "finish_reasons": {}}
 
-  monkeypatch.setattr(all_stage, "_train", fake_train)
+  monkeypatch.setattr(all_stage, "train_stage", fake_train)
   monkeypatch.setattr(eval_stage, "evaluate", fake_evaluate)
   monkeypatch.setattr(init_from, "latest_step", lambda workdir: 1)  # stubbed stages save none
   monkeypatch.setattr(all_stage, "_base_params", _recording(all_stage._base_params, calls))

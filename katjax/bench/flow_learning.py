@@ -1,0 +1,215 @@
+"""Does asynchronous RL (SeamlessFlow) learn as well as synchronous RL? Same steps, same start.
+
+    python -m katjax.bench.flow_learning --workdir=DIR [--config=configs/pipeline_tiny.py]
+        [--config.rl.eta=2 --config.eval.num_tasks=64 ...]
+
+DIR is a pipeline workdir (`--stage=all`, katjax/stages/all.py). Its stages up to SFT are
+run first if they are not finished (`all.run(..., until="sft")`: a rerun reuses them). Then
+RL runs twice from the SFT checkpoint, with the pipeline's RL settings
+(`pipeline.rl_steps` steps at `pipeline.rl_lr`, the `config.rl` fields), the same seeds and
+the same task stream (`stages.rl.task_order`): once `rl.mode="sync"` (stages/rl.py) and once
+`rl.mode="async"` (stages/rl_flow.py, at the config's `rl.eta` and `rl.rollout_slots`), each
+in a fresh DIR/flow_learning/<mode> (deleted first, so neither resumes an earlier run). Both
+are evaluated by the pipeline's evaluation (stages/eval.py with `config.eval`: greedy in
+pipeline_tiny, the same `eval.num_tasks` held-out tasks, same seed), as is the SFT
+checkpoint itself. Prints, and writes to DIR/flow_learning.json:
+
+    {"steps": N, "eval_tasks": n, "sft": {success, ci95, ...},
+     "sync":  {success, ci95, success_by_level, ..., steps_trained, start_step, init_from,
+               wall_s (RL, compilation included), eval_s, reward_curve {step: mean
+               reward of the step's trained rollouts}},
+     "async": {..., eta, rollout_slots, mean_staleness, trainer_bubble, rollout_idle,
+               trajectories_per_s, tokens_per_s, failed_episodes},
+     "async_within_sync_interval": sync ci95[0] <= async success <= sync ci95[1],
+     "async_below_sync_interval": async success < sync ci95[0],
+     "paired": {"async_vs_sync": {only_first, only_second, p}, "sync_vs_sft", "async_vs_sft"},
+     and with config.eval greedy (pipeline_tiny) the same again for one sample per task at
+     rl.temperature: "sampled" in sft / sync / async, "async_within_sync_interval_sampled",
+     "async_below_sync_interval_sampled", "paired_sampled"}
+
+Greedy success is the pipeline's figure; the sampled one is the policy RL trains and moves
+(at the pipeline's settings RL changes greedy success little but sampled success clearly:
+docs/benchmarks.md), so it is the more sensitive test of "learns as well".
+
+`paired` counts, on the same held-out tasks, those solved by one policy and not the other,
+with the exact McNemar p-value; `reward_gain` is the mean rollout reward of the last quarter
+of the steps minus the first quarter's (did RL move the sampled policy at all).
+
+The issue's goal (#16) is "async reaches the synchronous run's success within its 95%
+interval in the same number of train steps". The interval is a Wilson interval over the
+held-out tasks; it says nothing about the run-to-run spread of RL itself (one seed each),
+and async is not bit-reproducible (which episodes finish first depends on timing).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+
+MODES = ("sync", "async")
+_EVAL_KEYS = ("success", "ci95", "n_tasks", "success_by_level", "mean_turns",
+              "mean_tool_calls", "parallel_call_share", "finish_reasons")
+_FLOW_KEYS = ("eta", "mean_staleness", "trainer_bubble", "rollout_idle", "trajectories_per_s",
+              "tokens_per_s", "failed_episodes")
+
+
+def run(config, workdir: str, *, verbose: bool = True) -> dict:
+  import jax
+
+  from katjax.model.tokenizer import Tokenizer
+  from katjax.rollout.sampler import Sampler
+  from katjax.stages import all as pipeline
+  from katjax.stages import eval as eval_stage
+  from katjax.train.config import parse
+  from katjax.train.init_from import load_params
+
+  p = config.pipeline
+  if p.sft_steps <= 0:
+    raise ValueError(f"pipeline.sft_steps={p.sft_steps}: this benchmark starts RL from the "
+                     f"SFT stage, which the config leaves out")
+  if p.rl_steps <= 0:
+    raise ValueError(f"pipeline.rl_steps={p.rl_steps} must be >= 1 (the RL steps of each mode)")
+  workdir = os.path.abspath(workdir)
+  stages = pipeline.run(config, workdir, until="sft")  # skips the stages already finished
+  paths = pipeline.prepare(config, workdir)  # written by the run above: only the paths
+  config = _with(config, tokenizer=paths["tokenizer"])
+  tokenizer = Tokenizer.from_file(paths["tokenizer"])
+  held = eval_stage.heldout_tasks(config)
+  cfg = parse(config).model
+  sft_dir = os.path.join(workdir, "sft")
+  pipeline._finished_workdir(workdir, "sft")  # a ValueError if its checkpoint is gone
+  # The policy RL trains: one sample per task at rl.temperature (greedy decoding hides
+  # much of what RL changes: docs/pipeline.md), unless config.eval is that already.
+  sampled_ev = _with(config).eval
+  with sampled_ev.unlocked():
+    sampled_ev.update(temperature=float(config.rl.temperature), samples=1)
+  evals = {"": config.eval}
+  if (float(config.eval.temperature), int(config.eval.samples)) != (
+      float(config.rl.temperature), 1) and float(config.rl.temperature) > 0:
+    evals["sampled"] = sampled_ev
+  sampler, solved = None, {e: [] for e in evals}  # per eval mode: sft, sync, async
+
+  def evaluate(params):
+    nonlocal sampler
+    t0 = time.perf_counter()
+    # One placement and one sampler for every evaluation (as all.run): shared programs.
+    params = jax.device_put(jax.device_get(params), jax.devices()[0])
+    if sampler is None:
+      sampler = Sampler(cfg, params, max_len=config.rl.max_tokens, tokenizer=tokenizer,
+                        max_batch=256)
+    else:
+      sampler.update_weights(params)
+    res = {}
+    for e, ev in evals.items():
+      m = eval_stage.evaluate(sampler, tokenizer, held, ev, config.rl, per_task=True)
+      solved[e].append(m["solved"])
+      keys = _EVAL_KEYS if not e else ("success", "ci95", "success_by_level")
+      (res.setdefault(e, {}) if e else res).update({k: m[k] for k in keys})
+    res["eval_s"] = round(time.perf_counter() - t0, 1)
+    return res
+
+  # SFT is evaluated here too (not read from sft/eval.json), so the three figures come from
+  # one evaluation setup even when --config.eval.* differs from the pipeline run's.
+  out = {"steps": int(p.rl_steps), "eval_tasks": len(held), "sft_workdir": sft_dir,
+         "sft": evaluate(load_params(cfg, sft_dir, None))}
+  for mode in MODES:
+    c = _with(config)
+    with c.unlocked():
+      c.rl.mode = mode
+    mdir = os.path.join(workdir, "flow_learning", mode)
+    shutil.rmtree(mdir, ignore_errors=True)  # a fresh run: never a resume of an earlier one
+    if verbose:
+      print(f"[flow_learning] rl.mode={mode}: {p.rl_steps} steps from {sft_dir}")
+    t0 = time.perf_counter()
+    params, extra = pipeline.train_stage("rl", c, mdir, sft_dir)
+    wall = time.perf_counter() - t0
+    curve = extra["reward_curve"]
+    res = evaluate(params)
+    res.update(steps_trained=len(curve), start_step=extra["start_step"], init_from=sft_dir,
+               wall_s=round(wall, 1), reward_gain=_gain(curve), reward_curve=curve)
+    if mode == "async":
+      res.update({k: extra["flow"][k] for k in _FLOW_KEYS}, rollout_slots=c.rl.rollout_slots)
+    if verbose:
+      lo, hi = res["ci95"]
+      print(f"[flow_learning] {mode}: success {res['success']:.3f} [{lo:.3f}, {hi:.3f}], "
+            f"RL {wall:.0f} s")
+    out[mode] = res
+  for e in evals:
+    sync, asyn = (out[m][e] if e else out[m] for m in ("sync", "async"))
+    lo, hi = sync["ci95"]
+    sfx = f"_{e}" if e else ""
+    out["async_within_sync_interval" + sfx] = bool(lo <= asyn["success"] <= hi)
+    out["async_below_sync_interval" + sfx] = bool(asyn["success"] < lo)
+    # Paired on the same tasks (more sensitive than the two intervals): the discordant
+    # tasks and the exact two-sided McNemar p-value.
+    sft_s, sync_s, async_s = solved[e]
+    out["paired" + sfx] = {"sync_vs_sft": _paired(sync_s, sft_s),
+                           "async_vs_sft": _paired(async_s, sft_s),
+                           "async_vs_sync": _paired(async_s, sync_s)}
+  with open(os.path.join(workdir, "flow_learning.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  if verbose:
+    print("[flow_learning] stages before RL: "
+          + ", ".join(f"{s['stage']} {s['success']:.3f}" for s in stages["stages"]))
+  return out
+
+
+def _paired(a, b) -> dict:
+  """{"only_first", "only_second", "p"}: tasks solved by one policy and not the other, and
+  the exact McNemar p-value (two-sided binomial test of the discordant pairs at 1/2)."""
+  x = sum(bool(u) and not v for u, v in zip(a, b))
+  y = sum(bool(v) and not u for u, v in zip(a, b))
+  n = x + y
+  p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(x, y) + 1)) / 2 ** n)
+  return {"only_first": x, "only_second": y, "p": round(p, 4)}
+
+
+def _gain(curve: dict) -> float:
+  """Mean rollout reward of the last quarter of the steps minus that of the first."""
+  r = [curve[k] for k in sorted(curve, key=int)]
+  q = max(1, len(r) // 4)
+  return round(sum(r[-q:]) / q - sum(r[:q]) / q, 4) if r else 0.0
+
+
+def _with(config, **fields):
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    for k, v in fields.items():
+      setattr(c, k, v)
+  return c
+
+
+def main(argv):
+  from absl import app
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (a pipeline workdir; made if missing)")
+  from absl import flags, logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
+  from katjax.train.config import parse
+  try:
+    parse(_CONFIG.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  out = run(_CONFIG.value, _WORKDIR.value)
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  _WORKDIR = flags.DEFINE_string("workdir", None, "the pipeline workdir (stages to SFT are "
+                                 "run there if not finished)")
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(_ROOT, "configs", "pipeline_tiny.py"), "ml_collections config "
+      "file (the pipeline's)", lock_config=True)
+  app.run(main)

@@ -1,0 +1,88 @@
+"""`katjax.bench.flow_learning` on a miniature pipeline: it builds the workdir up to SFT, then
+trains sync and async RL for the same steps from that SFT checkpoint, evaluates all three on
+the same held-out tasks, and a rerun reuses the SFT stage but never resumes an RL run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from katjax.testing import compile_cache
+from katjax.train.init_from import latest_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 2
+# The pipeline's config at miniature sizes: 1 step of mid and SFT, RL with one task of 2
+# rollouts per step, 6 held-out tasks. One device (pipeline_tiny's mesh).
+CMD = [sys.executable, "-m", "katjax.bench.flow_learning",
+       f"--config={os.path.join(ROOT, 'configs', 'pipeline_tiny.py')}",
+       # A vocabulary the 300-document BPE fills: no model id the tokenizer cannot decode
+       # (an untrained model samples those).
+       "--config.pipeline.vocab_size=512", "--config.model.vocab_size=512",
+       "--config.pipeline.mid_docs=300", "--config.pipeline.sft_episodes=16",
+       "--config.pipeline.mid_steps=1", "--config.pipeline.sft_steps=1",
+       "--config.pipeline.rft_steps=0",
+       "--config.data.batch_size=2", "--config.rl.num_tasks=400",
+       "--config.rl.tasks_per_step=1", "--config.rl.group_size=2", "--config.rl.max_turns=1",
+       "--config.rl.max_new_tokens=16", "--config.rl.num_rows=1",
+       "--config.rl.rollout_slots=2", "--config.eval.num_tasks=6"]
+
+
+def _run(workdir, cache, steps):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1", **compile_cache.env(cache))
+  cmd = CMD + [f"--config.pipeline.rl_steps={steps}", f"--workdir={workdir}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "flow_learning.json")) as f:
+    return json.load(f)
+
+
+def _mtimes(folder):
+  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.mark.slow
+def test_sync_and_async_train_the_same_steps_from_the_same_sft(tmp_path):
+  workdir, cache = str(tmp_path / "run"), tmp_path / "jax_cache"
+  out = _run(workdir, cache, STEPS)
+  sft_dir = os.path.join(workdir, "sft")
+  assert latest_step(sft_dir) == 1  # built here: base -> mid -> SFT, and nothing after it
+  assert not os.path.exists(os.path.join(workdir, "rft"))
+  for mode in ("sync", "async"):
+    res = out[mode]
+    assert res["init_from"] == sft_dir and res["start_step"] == 0
+    assert res["steps_trained"] == STEPS and sorted(res["reward_curve"]) == ["1", "2"]
+    # The RL run's own checkpoint, not the JSON: it stopped after exactly STEPS steps.
+    assert latest_step(os.path.join(workdir, "flow_learning", mode)) == STEPS
+    assert res["n_tasks"] == out["sft"]["n_tasks"] == 6
+  assert out["steps"] == STEPS
+  assert "mean_staleness" in out["async"] and "mean_staleness" not in out["sync"]
+  lo, hi = out["sync"]["ci95"]
+  assert out["async_within_sync_interval"] == (lo <= out["async"]["success"] <= hi)
+  # Paired counts on the same tasks: solved-by-one-only differ by the difference in solved.
+  # Greedy (config.eval) and sampled at rl.temperature (the policy RL trains).
+  for sfx, get in (("", lambda m: out[m]), ("_sampled", lambda m: out[m]["sampled"])):
+    for name, (x, y) in {"async_vs_sync": ("async", "sync"), "sync_vs_sft": ("sync", "sft"),
+                         "async_vs_sft": ("async", "sft")}.items():
+      pair = out["paired" + sfx][name]
+      assert pair["only_first"] - pair["only_second"] == round(
+          6 * (get(x)["success"] - get(y)["success"])), name + sfx
+
+  # A rerun with 1 step: SFT is reused untouched; each RL run starts again from SFT (the
+  # step-2 checkpoint left in flow_learning/<mode> would otherwise count as finished).
+  before = _mtimes(sft_dir)
+  again = _run(workdir, cache, 1)
+  assert _mtimes(sft_dir) == before
+  for mode in ("sync", "async"):
+    assert again[mode]["start_step"] == 0 and again[mode]["steps_trained"] == 1
+    assert latest_step(os.path.join(workdir, "flow_learning", mode)) == 1
+  # The bench's evaluation of SFT is the pipeline's: the same episodes as sft/eval.json.
+  with open(os.path.join(sft_dir, "eval.json")) as f:
+    piped = json.load(f)
+  for key in ("success", "mean_turns", "mean_tool_calls", "finish_reasons"):
+    assert out["sft"][key] == again["sft"][key] == piped[key], key
