@@ -3,18 +3,19 @@
     python -m katjax.bench.flow_learning --workdir=DIR [--config=configs/pipeline_tiny.py]
         [--config.rl.eta=2 --config.eval.num_tasks=64 ...]
 
-DIR is a pipeline workdir (`--stage=all`, katjax/stages/all.py). Its stages up to SFT are
-run first if they are not finished (`all.run(..., until="sft")`: a rerun reuses them). Then
-RL runs twice from the SFT checkpoint, with the pipeline's RL settings
+DIR is a pipeline workdir (`--stage=all`, katjax/stages/all.py). Its stages up to the one
+RL starts from (the last trained stage before rl: RFT in pipeline_tiny) are run first if
+they are not finished (`all.run(..., until=...)`: a rerun reuses them). Then RL runs twice
+from that checkpoint (the "start"), with the pipeline's RL settings
 (`pipeline.rl_steps` steps at `pipeline.rl_lr`, the `config.rl` fields), the same seeds and
 the same task stream (`stages.rl.task_order`): once `rl.mode="sync"` (stages/rl.py) and once
 `rl.mode="async"` (stages/rl_flow.py, at the config's `rl.eta` and `rl.rollout_slots`), each
 in a fresh DIR/flow_learning/<mode> (deleted first, so neither resumes an earlier run). Both
 are evaluated by the pipeline's evaluation (stages/eval.py with `config.eval`: greedy in
-pipeline_tiny, the same `eval.num_tasks` held-out tasks, same seed), as is the SFT
+pipeline_tiny, the same `eval.num_tasks` held-out tasks, same seed), as is the start
 checkpoint itself. Prints, and writes to DIR/flow_learning.json:
 
-    {"steps": N, "eval_tasks": n, "sft": {success, ci95, ...},
+    {"steps": N, "eval_tasks": n, "start_stage": "rft", "start": {success, ci95, ...},
      "sync":  {success, ci95, success_by_level, ..., steps_trained, start_step, init_from,
                wall_s (RL, compilation included), eval_s, reward_curve {step: mean
                reward of the step's trained rollouts}},
@@ -22,9 +23,9 @@ checkpoint itself. Prints, and writes to DIR/flow_learning.json:
                trajectories_per_s, tokens_per_s, failed_episodes},
      "async_within_sync_interval": sync ci95[0] <= async success <= sync ci95[1],
      "async_below_sync_interval": async success < sync ci95[0],
-     "paired": {"async_vs_sync": {only_first, only_second, p}, "sync_vs_sft", "async_vs_sft"},
+     "paired": {"async_vs_sync": {only_first, only_second, p}, "sync_vs_start", "async_vs_start"},
      and with config.eval greedy (pipeline_tiny) the same again for one sample per task at
-     rl.temperature: "sampled" in sft / sync / async, "async_within_sync_interval_sampled",
+     rl.temperature: "sampled" in start / sync / async, "async_within_sync_interval_sampled",
      "async_below_sync_interval_sampled", "paired_sampled"}
 
 Greedy success is the pipeline's figure; the sampled one is the policy RL trains and moves
@@ -68,20 +69,17 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
   from katjax.train.init_from import load_params
 
   p = config.pipeline
-  if p.sft_steps <= 0:
-    raise ValueError(f"pipeline.sft_steps={p.sft_steps}: this benchmark starts RL from the "
-                     f"SFT stage, which the config leaves out")
+  start = _start_stage(config)
   if p.rl_steps <= 0:
     raise ValueError(f"pipeline.rl_steps={p.rl_steps} must be >= 1 (the RL steps of each mode)")
   workdir = os.path.abspath(workdir)
-  stages = pipeline.run(config, workdir, until="sft")  # skips the stages already finished
+  stages = pipeline.run(config, workdir, until=start)  # skips the stages already finished
   paths = pipeline.prepare(config, workdir)  # written by the run above: only the paths
   config = _with(config, tokenizer=paths["tokenizer"])
   tokenizer = Tokenizer.from_file(paths["tokenizer"])
   held = eval_stage.heldout_tasks(config)
   cfg = parse(config).model
-  sft_dir = os.path.join(workdir, "sft")
-  pipeline._finished_workdir(workdir, "sft")  # a ValueError if its checkpoint is gone
+  start_dir = pipeline._finished_workdir(workdir, start, config)  # ValueError if it is gone
   # The policy RL trains: one sample per task at rl.temperature (greedy decoding hides
   # much of what RL changes: docs/pipeline.md), unless config.eval is that already.
   sampled_ev = _with(config).eval
@@ -91,7 +89,7 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
   if (float(config.eval.temperature), int(config.eval.samples)) != (
       float(config.rl.temperature), 1) and float(config.rl.temperature) > 0:
     evals["sampled"] = sampled_ev
-  sampler, solved = None, {e: [] for e in evals}  # per eval mode: sft, sync, async
+  sampler, solved = None, {e: [] for e in evals}  # per eval mode: start, sync, async
 
   def evaluate(params):
     nonlocal sampler
@@ -112,10 +110,10 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
     res["eval_s"] = round(time.perf_counter() - t0, 1)
     return res
 
-  # SFT is evaluated here too (not read from sft/eval.json), so the three figures come from
-  # one evaluation setup even when --config.eval.* differs from the pipeline run's.
-  out = {"steps": int(p.rl_steps), "eval_tasks": len(held), "sft_workdir": sft_dir,
-         "sft": evaluate(load_params(cfg, sft_dir, None))}
+  # The start is evaluated here too (not read from its eval.json), so the three figures
+  # come from one evaluation setup even when --config.eval.* differs from the pipeline's.
+  out = {"steps": int(p.rl_steps), "eval_tasks": len(held), "start_stage": start,
+         "start_workdir": start_dir, "start": evaluate(load_params(cfg, start_dir, None))}
   for mode in MODES:
     c = _with(config)
     with c.unlocked():
@@ -123,13 +121,13 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
     mdir = os.path.join(workdir, "flow_learning", mode)
     shutil.rmtree(mdir, ignore_errors=True)  # a fresh run: never a resume of an earlier one
     if verbose:
-      print(f"[flow_learning] rl.mode={mode}: {p.rl_steps} steps from {sft_dir}")
+      print(f"[flow_learning] rl.mode={mode}: {p.rl_steps} steps from {start_dir}")
     t0 = time.perf_counter()
-    params, extra = pipeline.train_stage("rl", c, mdir, sft_dir)
+    params, extra = pipeline.train_stage("rl", c, mdir, start_dir)
     wall = time.perf_counter() - t0
     curve = extra["reward_curve"]
     res = evaluate(params)
-    res.update(steps_trained=len(curve), start_step=extra["start_step"], init_from=sft_dir,
+    res.update(steps_trained=len(curve), start_step=extra["start_step"], init_from=start_dir,
                wall_s=round(wall, 1), reward_gain=_gain(curve), reward_curve=curve)
     if mode == "async":
       res.update({k: extra["flow"][k] for k in _FLOW_KEYS}, rollout_slots=c.rl.rollout_slots)
@@ -146,9 +144,9 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
     out["async_below_sync_interval" + sfx] = bool(asyn["success"] < lo)
     # Paired on the same tasks (more sensitive than the two intervals): the discordant
     # tasks and the exact two-sided McNemar p-value.
-    sft_s, sync_s, async_s = solved[e]
-    out["paired" + sfx] = {"sync_vs_sft": _paired(sync_s, sft_s),
-                           "async_vs_sft": _paired(async_s, sft_s),
+    start_s, sync_s, async_s = solved[e]
+    out["paired" + sfx] = {"sync_vs_start": _paired(sync_s, start_s),
+                           "async_vs_start": _paired(async_s, start_s),
                            "async_vs_sync": _paired(async_s, sync_s)}
   with open(os.path.join(workdir, "flow_learning.json"), "w") as f:
     json.dump(out, f, indent=1)
@@ -156,6 +154,21 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
     print("[flow_learning] stages before RL: "
           + ", ".join(f"{s['stage']} {s['success']:.3f}" for s in stages["stages"]))
   return out
+
+
+def _start_stage(config) -> str:
+  """The stage RL starts from in the pipeline: the last trained stage before "rl" in
+  pipeline.stages (RFT in pipeline_tiny: RL straight from SFT does not learn there)."""
+  from katjax.train.config import parse
+  p, stages = config.pipeline, parse(config).pipeline.stage_list()
+  if "rl" not in stages:
+    raise ValueError(f"pipeline.stages={stages} has no rl stage to compare")
+  before = [s for s in stages[:stages.index("rl")]
+            if s != "base" and getattr(p, f"{s}_steps") > 0]
+  if not before:
+    raise ValueError("this benchmark starts RL from a trained stage; pipeline.stages "
+                     f"{stages} trains none before rl")
+  return before[-1]
 
 
 def _paired(a, b) -> dict:

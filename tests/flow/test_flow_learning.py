@@ -49,13 +49,14 @@ def test_sync_and_async_train_the_same_steps_from_the_same_sft(tmp_path):
   sft_dir = os.path.join(workdir, "sft")
   assert latest_step(sft_dir) == 1  # built here: base -> mid -> SFT, and nothing after it
   assert not os.path.exists(os.path.join(workdir, "rft"))
+  assert out["start_stage"] == "sft"  # rft_steps=0: RL starts from SFT
   for mode in ("sync", "async"):
     res = out[mode]
     assert res["init_from"] == sft_dir and res["start_step"] == 0
     assert res["steps_trained"] == STEPS and sorted(res["reward_curve"]) == ["1", "2"]
     # The RL run's own checkpoint, not the JSON: it stopped after exactly STEPS steps.
     assert latest_step(os.path.join(workdir, "flow_learning", mode)) == STEPS
-    assert res["n_tasks"] == out["sft"]["n_tasks"] == 6
+    assert res["n_tasks"] == out["start"]["n_tasks"] == 6
   assert out["steps"] == STEPS
   assert "mean_staleness" in out["async"] and "mean_staleness" not in out["sync"]
   lo, hi = out["sync"]["ci95"]
@@ -63,8 +64,8 @@ def test_sync_and_async_train_the_same_steps_from_the_same_sft(tmp_path):
   # Paired counts on the same tasks: solved-by-one-only differ by the difference in solved.
   # Greedy (config.eval) and sampled at rl.temperature (the policy RL trains).
   for sfx, get in (("", lambda m: out[m]), ("_sampled", lambda m: out[m]["sampled"])):
-    for name, (x, y) in {"async_vs_sync": ("async", "sync"), "sync_vs_sft": ("sync", "sft"),
-                         "async_vs_sft": ("async", "sft")}.items():
+    for name, (x, y) in {"async_vs_sync": ("async", "sync"), "sync_vs_start": ("sync", "start"),
+                         "async_vs_start": ("async", "start")}.items():
       pair = out["paired" + sfx][name]
       assert pair["only_first"] - pair["only_second"] == round(
           6 * (get(x)["success"] - get(y)["success"])), name + sfx
@@ -73,4 +74,4 @@ def test_sync_and_async_train_the_same_steps_from_the_same_sft(tmp_path):
   with open(os.path.join(sft_dir, "eval.json")) as f:
     piped = json.load(f)
   for key in ("success", "mean_turns", "mean_tool_calls", "finish_reasons"):
-    assert out["sft"][key] == piped[key], key
+    assert out["start"][key] == piped[key], key
