@@ -55,7 +55,7 @@ def run(config, workdir: str, *, until: str = "") -> dict:
   """Runs (or resumes) the stages up to and including `until`; returns {"stages": [...]}.
 
   until: the last stage to run ("" = the last of pipeline.stages; e.g. "sft" for a workdir
-  that later stages start from: `katjax.bench.flow_learning`). results.json and the figure
+  that later stages start from: `katjax.stages.flow_learning`). results.json and the figure
   are written only by a run to the last stage, so a partial run never overwrites a complete
   run's record.
   """

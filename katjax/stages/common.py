@@ -8,6 +8,7 @@ from absl import logging
 
 from katjax.data import write_default_data
 from katjax.parallel import is_main_process
+from katjax.plan import memory as plan_memory
 
 
 def make_tokenizer(config, workdir: str | None = None):
@@ -67,3 +68,22 @@ def run_lm_stage(config, workdir: str, stage: str, load) -> dict:
   summary = train_lm(config, workdir, train, evals, tokenizer=tok)
   report(stage, train, summary)
   return summary
+
+
+def fit_tree_step(tr, step_fn, tree_sh, extra=()):
+  """The run's tree step compiled now and checked against the device memory, or None when no
+  budget is known (CPU without `train.memory_budget_gib`).
+
+  A row longer than the mesh can hold stops the run here, before any rollout, naming
+  rl.row_tokens and the largest row that fits (`katjax.plan.fit_tree_step`). The budget is
+  `train.memory_budget_gib`, else the devices' own limit. extra: float arrays the caller
+  adds to the batch (the asynchronous learner's old_logp).
+  """
+  budget, source = plan_memory.device_memory_budget(tr.mesh.devices.flat,
+                                                    tr.run.train.memory_budget_gib)
+  if budget is None:
+    return None
+  rl = tr.run.rl
+  return plan_memory.fit_tree_step(step_fn, tr.state, tr.cfg, rows=rl.num_rows,
+                                   row_tokens=rl.row_tokens, sharding=tree_sh, budget=budget,
+                                   source=source, extra=extra)

@@ -26,11 +26,10 @@ from katjax.core.advantages import grpo_advantages
 from katjax.core.prune import PruneConfig, prune_batch
 from katjax.envs.base import load_tasks, make_env
 from katjax.parallel import batch_sharding, is_main_process, make_mesh, replicated
-from katjax.plan import memory as plan_memory
 from katjax.rollout.agent import AgentLimits
 from katjax.rollout.batch import run_episodes
 from katjax.rollout.sampler import Sampler, SamplingParams
-from katjax.stages.common import make_tokenizer
+from katjax.stages.common import fit_tree_step, make_tokenizer
 from katjax.train.config import RLConfig, parse
 from katjax.train.mfu import MfuMeter
 from katjax.train.trainer import Trainer
@@ -198,25 +197,6 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   tr.close()
   summary.update(steps=tc.steps, state=state)
   return summary
-
-
-def fit_tree_step(tr: Trainer, step_fn, tree_sh, extra=()):
-  """The run's tree step compiled now and checked against the device memory, or None when no
-  budget is known (CPU without `train.memory_budget_gib`).
-
-  A row longer than the mesh can hold stops the run here, before any rollout, naming
-  rl.row_tokens and the largest row that fits (`katjax.plan.fit_tree_step`). The budget is
-  `train.memory_budget_gib`, else the devices' own limit. extra: float arrays the caller
-  adds to the batch (the asynchronous learner's old_logp).
-  """
-  budget, source = plan_memory.device_memory_budget(tr.mesh.devices.flat,
-                                                    tr.run.train.memory_budget_gib)
-  if budget is None:
-    return None
-  rl = tr.run.rl
-  return plan_memory.fit_tree_step(step_fn, tr.state, tr.cfg, rows=rl.num_rows,
-                                   row_tokens=rl.row_tokens, sharding=tree_sh, budget=budget,
-                                   source=source, extra=extra)
 
 
 def _check_batch(rl: RLConfig, mesh) -> None:

@@ -40,7 +40,7 @@ from katjax.parallel import batch_sharding, replicated
 from katjax.rollout.agent import AgentLimits
 from katjax.rollout.engine import Engine
 from katjax.rollout.sampler import Sampler, SamplingParams
-from katjax.stages.rl import fit_tree_step
+from katjax.stages.common import fit_tree_step
 from katjax.train.trainer import Trainer
 from katjax.train.tree_step import make_tree_step
 

@@ -1,4 +1,4 @@
-"""`katjax.bench.flow_learning` on a miniature pipeline: it builds the workdir up to SFT, then
+"""`katjax.stages.flow_learning` on a miniature pipeline: it builds the workdir up to SFT, then
 trains sync and async RL for the same steps from that SFT checkpoint, evaluates all three on
 the same held-out tasks. (A rerun reusing SFT and retraining RL from it was tested in the
 flowlearn branch and dropped for CI time.)"""
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STEPS = 2
 # The pipeline's config at miniature sizes: 1 step of mid and SFT, RL with one task of 2
 # rollouts per step, 6 held-out tasks. One device (pipeline_tiny's mesh).
-CMD = [sys.executable, "-m", "katjax.bench.flow_learning",
+CMD = [sys.executable, "-m", "katjax.stages.flow_learning",
        f"--config={os.path.join(ROOT, 'configs', 'pipeline_tiny.py')}",
        # A vocabulary the 300-document BPE fills: no model id the tokenizer cannot decode
        # (an untrained model samples those).

@@ -1,6 +1,9 @@
 """Does asynchronous RL (SeamlessFlow) learn as well as synchronous RL? Same steps, same start.
 
-    python -m katjax.bench.flow_learning --workdir=DIR [--config=configs/pipeline_tiny.py]
+(A benchmark, but it runs the pipeline's stages, so it lives beside them: katjax.bench sits
+below katjax.stages in tests/test_layers.py's table.)
+
+    python -m katjax.stages.flow_learning --workdir=DIR [--config=configs/pipeline_tiny.py]
         [--config.rl.eta=2 --config.eval.num_tasks=64 ...]
 
 DIR is a pipeline workdir (`--stage=all`, katjax/stages/all.py). Its stages up to the one
