@@ -48,7 +48,7 @@ from katjax.stages import figure
 from katjax.train.config import PIPELINE_STAGES as STAGES
 from katjax.train.config import parse
 
-__all__ = ["STAGES", "run", "prepare", "train_stage", "upweight_args"]
+__all__ = ["STAGES", "run", "prepare", "train_stage", "upweight_args", "with_fields"]
 
 
 def run(config, workdir: str, *, until: str = "") -> dict:
@@ -66,7 +66,7 @@ def run(config, workdir: str, *, until: str = "") -> dict:
     raise ValueError(f"until={until!r} is not one of pipeline.stages {stages}")
   workdir = os.path.abspath(workdir)
   paths = prepare(config, workdir)
-  config = _with(config, tokenizer=paths["tokenizer"])
+  config = with_fields(config, tokenizer=paths["tokenizer"])
   tokenizer = _tokenizer(paths["tokenizer"])
   cfg = parse(config).model
   from katjax.model.hf import check_vocab
@@ -226,7 +226,7 @@ def upweight_args(data, tokenizer, weight: int):
 
 
 def _stage_config(config, steps, lr):
-  c = _with(config)
+  c = with_fields(config)
   with c.unlocked():
     c.train.steps = int(steps)
     c.optimizer.total_steps = int(steps)
@@ -267,7 +267,8 @@ def _sft_tasks(config):
   return eval_stage.train_tasks(config)[:config.pipeline.sft_episodes]
 
 
-def _with(config, **fields):
+def with_fields(config, **fields):
+  """A deep copy of config with top-level fields replaced."""
   c = copy.deepcopy(config)
   with c.unlocked():
     for k, v in fields.items():

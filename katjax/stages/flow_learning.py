@@ -47,7 +47,6 @@ and async is not bit-reproducible (which episodes finish first depends on timing
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -78,14 +77,14 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
   workdir = os.path.abspath(workdir)
   stages = pipeline.run(config, workdir, until=start)  # skips the stages already finished
   paths = pipeline.prepare(config, workdir)  # written by the run above: only the paths
-  config = _with(config, tokenizer=paths["tokenizer"])
+  config = pipeline.with_fields(config, tokenizer=paths["tokenizer"])
   tokenizer = Tokenizer.from_file(paths["tokenizer"])
   held = eval_stage.heldout_tasks(config)
   cfg = parse(config).model
   start_dir = pipeline._finished_workdir(workdir, start, config)  # ValueError if it is gone
   # The policy RL trains: one sample per task at rl.temperature (greedy decoding hides
   # much of what RL changes: docs/pipeline.md), unless config.eval is that already.
-  sampled_ev = _with(config).eval
+  sampled_ev = pipeline.with_fields(config).eval
   with sampled_ev.unlocked():
     sampled_ev.update(temperature=float(config.rl.temperature), samples=1)
   evals = {"": config.eval}
@@ -118,7 +117,7 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
   out = {"steps": int(p.rl_steps), "eval_tasks": len(held), "start_stage": start,
          "start_workdir": start_dir, "start": evaluate(load_params(cfg, start_dir, None))}
   for mode in MODES:
-    c = _with(config)
+    c = pipeline.with_fields(config)
     with c.unlocked():
       c.rl.mode = mode
     mdir = os.path.join(workdir, "flow_learning", mode)
@@ -189,14 +188,6 @@ def _gain(curve: dict) -> float:
   r = [curve[k] for k in sorted(curve, key=int)]
   q = max(1, len(r) // 4)
   return round(sum(r[-q:]) / q - sum(r[:q]) / q, 4) if r else 0.0
-
-
-def _with(config, **fields):
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    for k, v in fields.items():
-      setattr(c, k, v)
-  return c
 
 
 def main(argv):
