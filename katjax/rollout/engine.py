@@ -91,6 +91,7 @@ class Engine:
     self._pending, self._stop = None, False
     self._state, self._cache_len, self._width = None, 0, 8
     self._row = [None] * self.rows  # (request, fork) per busy row
+    self._taken = {}  # id -> request: out of the queue and not complete (rows or admitting)
     self._held = [np.zeros(0, np.int32)] * self.rows  # tokens whose K/V the row holds
     self._used = np.zeros(self.rows, np.int64)  # last use tick (LRU eviction)
     self._tick = 0
@@ -209,16 +210,30 @@ class Engine:
         params, self._pending = self._pending, None
         self._free_cancelled()
         admits = self._take_admissions()
+      waiting = collections.deque(admits)  # taken from the queue, not yet in rows
+      admitting = False  # while true, waiting[0] is the request being prefilled
       try:
         if params is not None:
           self.sampler.update_weights(params)
           self._held = [np.zeros(0, np.int32)] * self.rows  # old weights' K/V: no reuse
-        for req in admits:
-          self._admit(req)
+        while waiting:
+          admitting = True
+          self._admit(waiting[0])
+          waiting.popleft()
+          admitting = False
         if any(self._row):
           self._step()
       except Exception as e:  # noqa: BLE001 - every affected caller gets it (HTTP 500)
         with self._cv:
+          # Requests after the one being admitted were not touched: back to the front of
+          # the queue. Every other request taken from it fails (those in rows, the one
+          # being admitted, one whose rows this chunk freed): none is ever dropped, which
+          # would leave its caller waiting forever.
+          if admitting and waiting:
+            waiting.popleft()  # it fails below with the rest of `_taken`
+          for req in waiting:
+            self._taken.pop(id(req), None)
+          self._queue.extendleft(reversed(waiting))
           self._fail_all(e, queued=False)
         self._state = None
 
@@ -230,6 +245,7 @@ class Engine:
       req = self._queue.popleft()
       free -= req.n
       out.append(req)
+      self._taken[id(req)] = req
     return out
 
   def _admit(self, req):
@@ -255,7 +271,7 @@ class Engine:
     self.stats["prompt_tokens"] += len(req.prompt)
     self.stats["prefix_hit_tokens"] += hit
     self._wait.append(req.started - req.submitted)
-    samp = _sampling_arrays(row_sp, b, sp_default)
+    samp = _sampling_arrays(row_sp, b, sp_default, self.sampler.emit_vocab)
     width = samp["stop_ids"].shape[1]
     samp["stop_ids"] = jnp.pad(samp["stop_ids"], ((0, 0), (0, self._width - width)),
                                constant_values=-1)
@@ -324,7 +340,7 @@ class Engine:
       self._state["done"] = self._state["done"] | jnp.asarray(host_done)
     for req in touched:
       if not any(row is not None and row[0] is req for row in self._row):
-        self._finish(req)
+        self._finish_or_fail(req)
       with req.updated:
         req.updated.notify_all()
 
@@ -385,7 +401,22 @@ class Engine:
       self.stats["generated_tokens"] += sum(len(c.tokens) for c in comps)
       self._complete(req)
 
+  def _finish_or_fail(self, req):
+    """_finish, or the request completes with the error (e.g. its tokens do not decode):
+    its rows are already free, so nothing else would ever complete it."""
+    try:
+      self._finish(req)
+    except Exception as e:  # noqa: BLE001 - this caller gets it; the other requests go on
+      with self._cv:
+        self._fail_request(req, e)
+
+  def _fail_request(self, req, err):
+    if not req.done:
+      req.error = err
+      self._complete(req)
+
   def _complete(self, req):
+    self._taken.pop(id(req), None)
     req.finished = time.monotonic()
     self._latency.append(req.finished - req.submitted)
     req.event.set()
@@ -406,19 +437,18 @@ class Engine:
     for req in reqs.values():
       if not req.done:
         req._reason = [x or "cancelled" for x in req._reason]
-        self._finish(req)
+        self._finish_or_fail(req)
     if gone.any() and self._state is not None:
       self._state["done"] = self._state["done"] | jnp.asarray(gone)
 
   def _fail_all(self, err, queued=True):
     reqs = {id(r[0]): r[0] for r in self._row if r is not None}
+    reqs.update(self._taken)
     if queued:
       reqs.update({id(r): r for r in self._queue})
       self._queue.clear()
     for req in reqs.values():
-      if not req.done:
-        req.error = err
-        self._complete(req)
+      self._fail_request(req, err)
     self._row = [None] * self.rows
     self._held = [np.zeros(0, np.int32)] * self.rows
 
@@ -429,7 +459,7 @@ class Engine:
       b = self.rows
       cfg = self.sampler.cfg
       self._cache_len, self._width = size, width
-      samp = _sampling_arrays([], b, ())
+      samp = _sampling_arrays([], b, (), self.sampler.emit_vocab)
       samp["stop_ids"] = jnp.full((b, width), -1, jnp.int32)
       self._state = dict(cache=model_api.init_cache(cfg, b, size, self.sampler.cache_dtype),
                          last=jnp.zeros(b, jnp.int32), index=jnp.zeros(b, jnp.int32),

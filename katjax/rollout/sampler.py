@@ -118,6 +118,10 @@ class Sampler:
     if stop_ids is None:
       stop_ids = tuple(getattr(tokenizer, "stop_ids", ()) or ())
     self.stop_ids = tuple(int(i) for i in stop_ids)
+    # A model's vocabulary is often padded past its tokenizer's (to a multiple of 64 or
+    # 128): those ids are never sampled, so every generated token decodes.
+    self.emit_vocab = min(cfg.vocab_size, int(getattr(tokenizer, "vocab_size", None)
+                                              or cfg.vocab_size))
     self.cache_dtype = cache_dtype
     self._axes = model_api.logical_axes(cfg) if mesh is not None else None
     self.params, self.version = None, -1
@@ -223,7 +227,7 @@ class Sampler:
     src = np.zeros(b, np.int32)
     src[:rows] = np.repeat(np.arange(u), n)
     row_sp = [plist[i] for i in src[:rows]]
-    samp = _sampling_arrays(row_sp, b, self.stop_ids)
+    samp = _sampling_arrays(row_sp, b, self.stop_ids, self.emit_vocab)
     k = np.zeros((b, 2), np.uint32)
     k[:rows] = keys
     lens_full = np.ones(bu, np.int32)
@@ -408,7 +412,9 @@ def _per_prompt(sampling, count):
   return sampling
 
 
-def _sampling_arrays(row_sp, b, default_stops):
+def _sampling_arrays(row_sp, b, default_stops, vocab):
+  """Per-row sampling settings as device arrays; `vocab`: ids at or past it are never
+  sampled (`Sampler.emit_vocab`)."""
   stops = [sp.stop_ids if sp.stop_ids is not None else default_stops for sp in row_sp]
   width = bucket(max([1] + [len(s) for s in stops]), 4)  # bucketed: few compiled shapes
   stop_ids = np.full((b, width), -1, np.int32)
@@ -420,7 +426,7 @@ def _sampling_arrays(row_sp, b, default_stops):
               top_p=col(lambda s: s.top_p, np.float32, 1.0),
               top_k=col(lambda s: s.top_k, np.int32, 0),
               max_new=col(lambda s: s.max_new_tokens, np.int32, 1),
-              stop_ids=jnp.asarray(stop_ids))
+              stop_ids=jnp.asarray(stop_ids), vocab=jnp.full((b,), vocab, jnp.int32))
 
 
 def _key_data(keys):

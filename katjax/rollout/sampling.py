@@ -19,9 +19,19 @@ def finished(tok, count, samp):
 
 
 def sample(logits, keys, step, samp):
-  """logits f32[B,V] -> (token, sampling logprob, raw logprob, entropy), each [B]."""
+  """logits f32[B,V] -> (token, sampling logprob, raw logprob, entropy), each [B].
+
+  samp["vocab"] int[B] (optional): only ids below it may be chosen; the sampling logprob is
+  that of the distribution restricted to them (what was actually sampled from).
+  """
   raw_logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   ent = -jnp.sum(jnp.exp(raw_logp) * raw_logp, axis=-1)
+  if "vocab" in samp:
+    # Ids past the tokenizer's vocabulary (the model's padded rows) are never chosen: they
+    # have no text, so a record holding one could not be decoded or re-rendered. Raw logprob
+    # and entropy stay those of the whole model (what training computes).
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None]
+    logits = jnp.where(ids < samp["vocab"][:, None], logits, -jnp.inf)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   temp = samp["temperature"]
 

@@ -158,3 +158,53 @@ def test_overload_and_bad_input(sampler):
       eng.submit([1, 999])
   finally:
     eng.close()
+
+
+def _plain_tokens(plain, prompt, sp):
+  return plain.generate([prompt], sp)[0][0].tokens
+
+
+def test_a_request_that_cannot_finish_fails_alone(engine, plain, monkeypatch):
+  """An error while completing one request (say its tokens do not decode) reaches that
+  caller; the others finish, and none is left waiting (its rows are already free)."""
+  real, calls = engine._finish, []
+
+  def flaky(req):
+    calls.append(req)
+    if len(calls) == 1:
+      raise ValueError("cannot decode")
+    return real(req)
+
+  monkeypatch.setattr(engine, "_finish", flaky)
+  sp = SamplingParams(temperature=0.0, max_new_tokens=6)
+  with engine._cv:  # all four queued before the worker looks: one admission round
+    reqs = [engine.submit(p, sp) for p in PROMPTS]
+  for req in reqs:
+    assert req.event.wait(60), "a request was dropped: its caller would wait forever"
+  failed = [r for r in reqs if r.error is not None]
+  assert failed == calls[:1] and "cannot decode" in str(failed[0].error)
+  for req, prompt in zip(reqs, PROMPTS):
+    if req.error is None:
+      np.testing.assert_array_equal(req.result[0].tokens, _plain_tokens(plain, prompt, sp))
+
+
+def test_a_failed_admission_requeues_the_requests_behind_it(engine, plain, monkeypatch):
+  """An admission that raises fails the running rows and itself; requests taken from the
+  queue after it were untouched: they go back to the queue and complete normally."""
+  real = engine._admit
+  sp = SamplingParams(temperature=0.0, max_new_tokens=6)
+
+  def admit(req):
+    if list(req.prompt) == PROMPTS[1]:
+      raise RuntimeError("prefill failed")
+    return real(req)
+
+  monkeypatch.setattr(engine, "_admit", admit)
+  with engine._cv:
+    reqs = [engine.submit(p, sp) for p in PROMPTS]
+  for req in reqs:
+    assert req.event.wait(60), "a request was dropped: its caller would wait forever"
+  assert [r.error is not None for r in reqs] == [True, True, False, False]
+  assert "prefill failed" in str(reqs[1].error)
+  for req, prompt in zip(reqs[2:], PROMPTS[2:]):
+    np.testing.assert_array_equal(req.result[0].tokens, _plain_tokens(plain, prompt, sp))

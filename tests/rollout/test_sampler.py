@@ -195,3 +195,32 @@ def test_sharded_sampler_matches_unsharded(params, sampler):
   for (a,), (b,) in zip(sharded.generate(PROMPTS, sp), sampler.generate(PROMPTS, sp)):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.raw_logprobs, b.raw_logprobs, atol=1e-5)
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(params):
+  """A model padded past its tokenizer (272 ids here, a tokenizer of fewer): the sampler
+  samples from the distribution restricted to the tokenizer's ids, and records that
+  distribution's logprob; raw logprob and entropy stay the whole model's."""
+  tok = ByteTokenizer(vocab_size=262)  # ids 262..271 have no text
+  masked = Sampler(CFG, params, max_len=REF_LEN, chunk=8, tokenizer=tok, stop_ids=())
+  # temperature > 1 flattens the distribution: unmasked, ~4% of the tokens would be >= 262.
+  sp = SamplingParams(temperature=3.0, max_new_tokens=40)
+  outs = masked.generate(PROMPTS, sp, seed=5)
+  for prompt, (comp,) in zip(PROMPTS, outs):
+    seq = list(prompt)
+    assert comp.tokens.max() < 262
+    for t, tok_id in enumerate(comp.tokens[:12]):
+      logits = ref_logits(params, seq)
+      lp = np_log_softmax(logits[:262] / 3.0)
+      np.testing.assert_allclose(comp.logprobs[t], lp[tok_id], atol=1e-4)
+      np.testing.assert_allclose(comp.raw_logprobs[t], np_log_softmax(logits)[tok_id],
+                                 atol=1e-5)
+      seq.append(int(tok_id))
+  # Greedy picks the best id the tokenizer has, even when a padded id scores highest.
+  head, best = params["lm_head"]["kernel"], int(np.argmax(ref_logits(params, PROMPTS[0])))
+  boosted = dict(params, lm_head={"kernel": head.at[:, 265].set(3 * head[:, best])})
+  logits = ref_logits(boosted, PROMPTS[0])
+  assert np.argmax(logits) == 265
+  masked.update_weights(boosted)
+  (comp,), = masked.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=1))
+  assert comp.tokens[0] == int(np.argmax(logits[:262]))
