@@ -90,6 +90,9 @@ class MeshConfig:
       raise ValueError(f"config.mesh.sequence={self.sequence!r} must be a positive int")
 
 
+ASYNC_TIS_CAP = 2.0  # rl.mode="async": min(pi_prox / pi_behav, 2) when rl.loss.tis_cap is None
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """rl.loss: the policy-loss options of core.losses.PolicyLossConfig except `norm`, which
@@ -100,6 +103,11 @@ class LossConfig:
   dual_clip: float | None = None
   kl_coef: float = 0.0
   kl_type: Literal["k1", "k3"] = "k3"
+  # Truncated importance weight min(pi_prox / pi_behav, tis_cap) against the sampler's
+  # logprobs. None: off in rl.mode="sync" (pi_prox = pi_behav up to numerics) and
+  # ASYNC_TIS_CAP in rl.mode="async", where it is part of the decoupled objective
+  # (DESIGN.md section 6): without it, one-version-stale rollouts at lr 2e-3 drove the
+  # pipeline's policy into never-ending turns (docs/benchmarks.md, "Async learning").
   tis_cap: float | None = None
 
 
@@ -159,8 +167,12 @@ class RLConfig:
                        f"synchronous loop runs in one process), got mode={self.mode!r}")
 
   def policy_loss(self) -> PolicyLossConfig:
-    """The core loss config, with rl.norm as its normalisation."""
-    return PolicyLossConfig(**dataclasses.asdict(self.loss), norm=self.norm)
+    """The core loss config, with rl.norm as its normalisation (and, in async mode, the
+    behaviour weight capped at ASYNC_TIS_CAP unless rl.loss.tis_cap says otherwise)."""
+    loss = dataclasses.asdict(self.loss)
+    if self.mode == "async" and loss["tis_cap"] is None:
+      loss["tis_cap"] = ASYNC_TIS_CAP
+    return PolicyLossConfig(**loss, norm=self.norm)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,3 +136,17 @@ def test_pipeline_stage_lists():
   assert smol.tokenizer == "" and smol.rl.env == "lookup" and smol.model.dtype == "float32"
   with pytest.raises(ValueError, match="unknown variant 'pipe'"):
     load("smollm2_135m", "pipe")
+
+
+def test_async_mode_caps_the_behaviour_weight_unless_told_otherwise():
+  """rl.loss.tis_cap None: off in sync mode, ASYNC_TIS_CAP in async mode (the decoupled
+  objective's capped weight); a set value is used in both."""
+  def loss(mode, cap=None):
+    c = schema.base_config()
+    c.rl.mode = mode
+    if cap is not None:
+      c.rl.loss.tis_cap = cap
+    return schema.parse(c).rl.policy_loss()
+  assert loss("sync").tis_cap is None
+  assert loss("async").tis_cap == schema.ASYNC_TIS_CAP == 2.0
+  assert loss("async", 5.0).tis_cap == loss("sync", 5.0).tis_cap == 5.0
