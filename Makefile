@@ -34,7 +34,7 @@ demo: $(VENV)/.installed
 	$(PY) -m katjax.launch --stage=all --config=configs/pipeline_tiny.py --workdir=$(DEMO_DIR)
 
 test: $(VENV)/.installed-test
-	$(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider tests
+	$(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider --durations=30 tests
 
 # Tunix (the peer the train/sampler benches compare against) is installed without its
 # dependencies: its own pins would downgrade transformers/tokenizers in this venv. The second
