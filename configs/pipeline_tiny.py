@@ -30,8 +30,10 @@ def get_config():
   c.rl.rft.update(metric="lcs", outcome_weight=0.5, monitor=False, teacher_branch=True)
   c.eval.update(num_tasks=200, seed=0, temperature=0.0, samples=1)
   # Mid-training needs ~400 steps at lr 1e-2 to learn the copy drills (200 steps, or
-  # lr 3e-2, stay at chance: docs/pipeline.md); SFT then learns the protocol in 200.
+  # lr 3e-2, stay at chance: docs/pipeline.md); SFT then learns the protocol in 200. RFT
+  # needs 20 steps to drop the demonstrator's re-check and still copy the value (10 drop
+  # it and break the copy: below SFT); RL then polishes the chains in 10.
   c.pipeline.update(vocab_size=640, mid_docs=6000, sft_episodes=2000, mid_steps=400,
-                    mid_lr=1e-2, sft_steps=200, sft_lr=3e-3, rft_steps=10, rft_lr=2e-3,
-                    rl_steps=20, rl_lr=2e-3)
+                    mid_lr=1e-2, sft_steps=200, sft_lr=3e-3, rft_steps=20, rft_lr=2e-3,
+                    rl_steps=10, rl_lr=2e-3)
   return c

@@ -1,13 +1,15 @@
-"""The pipeline learns: success(rl) > success(sft) > success(base) on the held-out split.
+"""The pipeline learns: success(rl) > success(sft) > success(base), and rft > sft, on the
+held-out split.
 
 `--stage=all` on configs/pipeline_tiny.py exactly as `make demo` runs it, with its fixed
 seeds: every stage starts from the previous one and is evaluated greedily on the same 200
-held-out tasks (RL starts from RFT: RL straight from SFT does not learn, docs/pipeline.md).
-Each ordering must hold by more than its 95% intervals: the Wilson intervals of the two
-stages do not overlap, and the gain is at least the margin recorded below.
+held-out tasks. Each ordering must hold by more than its 95% intervals: the Wilson
+intervals of the two stages do not overlap, and the gain is at least the margin recorded
+below. RL over RFT is not asserted: its gain (+0.045, the chains 0.82 -> 0.96) is inside
+the intervals.
 
 Measured with this test's config (2026-12-03, docs/pipeline.md): base 0.000 [0.000,
-0.019], sft 0.235 [0.182, 0.298], rft 0.120 [0.082, 0.172], rl 0.490 [0.422, 0.559]
+0.019], sft 0.235 [0.182, 0.298], rft 0.445 [0.378, 0.514], rl 0.490 [0.422, 0.559]
 (`make demo`; the test gets the same numbers). The margins are about half of the
 measured gains, so a change that halves what a stage adds fails here.
 """
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARGIN_SFT_OVER_BASE = 0.12
 MARGIN_RL_OVER_SFT = 0.12
+MARGIN_RFT_OVER_SFT = 0.10
 
 
 def test_rl_beats_sft_beats_base_on_the_heldout_split(tmp_path):
@@ -41,6 +44,7 @@ def test_rl_beats_sft_beats_base_on_the_heldout_split(tmp_path):
   by = {s["stage"]: s for s in out["stages"]}
   assert [s["stage"] for s in out["stages"]] == ["base", "mid", "sft", "rft", "rl"]
   for lower, upper, margin in (("base", "sft", MARGIN_SFT_OVER_BASE),
+                               ("sft", "rft", MARGIN_RFT_OVER_SFT),
                                ("sft", "rl", MARGIN_RL_OVER_SFT)):
     lo, hi = by[lower], by[upper]
     gain = hi["success"] - lo["success"]
