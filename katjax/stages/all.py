@@ -101,8 +101,10 @@ def run(config, workdir: str, *, until: str = "") -> dict:
     else:
       sampler.update_weights(params)
     bar = tqdm.tqdm(total=config.rl.max_turns, desc=f"eval {stage}", dynamic_ncols=True)
+    # per_task: eval.json keeps which held-out tasks the stage solved, so two stages can
+    # be compared on the same tasks (`eval.paired`), not only by their intervals.
     metrics = eval_stage.evaluate(sampler, tokenizer, held, config.eval, config.rl,
-                                  on_turn=lambda _: bar.update(1))
+                                  on_turn=lambda _: bar.update(1), per_task=True)
     bar.close()
     metrics.update(extra, stage=stage, wall_s=time.perf_counter() - t0)
     os.makedirs(sdir, exist_ok=True)

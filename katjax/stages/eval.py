@@ -33,7 +33,7 @@ from katjax.rollout.agent import AgentLimits
 from katjax.rollout.batch import run_episodes
 from katjax.rollout.sampler import SamplingParams
 
-__all__ = ["wilson_interval", "evaluate", "heldout_tasks", "train_tasks", "run"]
+__all__ = ["wilson_interval", "paired", "evaluate", "heldout_tasks", "train_tasks", "run"]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -48,6 +48,20 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
   lo = 0.0 if successes == 0 else max(0.0, centre - half)
   hi = 1.0 if successes == n else min(1.0, centre + half)
   return (lo, hi)
+
+
+def paired(a, b) -> dict:
+  """{"only_first", "only_second", "p"}: tasks solved by one policy and not the other (two
+  per-task "solved" lists over the same tasks), and the exact McNemar p-value (two-sided
+  binomial test of the discordant pairs at 1/2). More sensitive than two Wilson intervals:
+  the tasks both solve, or both fail, carry no noise between the policies."""
+  if len(a) != len(b):
+    raise ValueError(f"paired: {len(a)} and {len(b)} tasks; both must be over the same tasks")
+  x = sum(bool(u) and not v for u, v in zip(a, b))
+  y = sum(bool(v) and not u for u, v in zip(a, b))
+  n = x + y
+  p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(x, y) + 1)) / 2 ** n)
+  return {"only_first": x, "only_second": y, "p": round(p, 4)}
 
 
 def evaluate(sampler, tokenizer, tasks: list[dict], ev, rl, *, on_turn=None,

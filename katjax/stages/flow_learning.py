@@ -52,7 +52,6 @@ and async is not bit-reproducible (which episodes finish first depends on timing
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -151,9 +150,9 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
     # Paired on the same tasks (more sensitive than the two intervals): the discordant
     # tasks and the exact two-sided McNemar p-value.
     start_s, sync_s, async_s = solved[e]
-    out["paired" + sfx] = {"sync_vs_start": _paired(sync_s, start_s),
-                           "async_vs_start": _paired(async_s, start_s),
-                           "async_vs_sync": _paired(async_s, sync_s)}
+    out["paired" + sfx] = {"sync_vs_start": eval_stage.paired(sync_s, start_s),
+                           "async_vs_start": eval_stage.paired(async_s, start_s),
+                           "async_vs_sync": eval_stage.paired(async_s, sync_s)}
   with open(os.path.join(workdir, "flow_learning.json"), "w") as f:
     json.dump(out, f, indent=1)
   if verbose:
@@ -175,16 +174,6 @@ def _start_stage(config) -> str:
     raise ValueError("this benchmark starts RL from a trained stage; pipeline.stages "
                      f"{stages} trains none before rl")
   return before[-1]
-
-
-def _paired(a, b) -> dict:
-  """{"only_first", "only_second", "p"}: tasks solved by one policy and not the other, and
-  the exact McNemar p-value (two-sided binomial test of the discordant pairs at 1/2)."""
-  x = sum(bool(u) and not v for u, v in zip(a, b))
-  y = sum(bool(v) and not u for u, v in zip(a, b))
-  n = x + y
-  p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(x, y) + 1)) / 2 ** n)
-  return {"only_first": x, "only_second": y, "p": round(p, 4)}
 
 
 def _gain(curve: dict) -> float:

@@ -137,11 +137,12 @@ def test_stage_list_from_a_pretrained_base_chains_init_from(tmp_path, monkeypatc
 
   evaluated = []
 
-  def fake_evaluate(sampler, tokenizer, tasks, ev, rl, on_turn=None):
+  def fake_evaluate(sampler, tokenizer, tasks, ev, rl, on_turn=None, per_task=False):
     evaluated.append(tokenizer.vocab_size)
     return {"n_tasks": len(tasks), "k": 1, "success": 0.5, "ci95": [0.4, 0.6],
             "mean_turns": 2.0, "mean_tool_calls": 2.0, "parallel_call_share": 0.0,
-            "tokens_per_episode": 100.0, "success_by_level": {"1": 0.5}, "finish_reasons": {}}
+            "tokens_per_episode": 100.0, "success_by_level": {"1": 0.5}, "finish_reasons": {},
+            **({"solved": [True] * len(tasks)} if per_task else {})}
 
   monkeypatch.setattr(all_stage, "train_stage", fake_train)
   monkeypatch.setattr(eval_stage, "evaluate", fake_evaluate)

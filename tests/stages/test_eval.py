@@ -1,10 +1,11 @@
-"""Eval stage pieces: the Wilson interval against an independent root search."""
+"""Eval stage pieces: the Wilson interval against an independent root search, the paired
+McNemar test against a binomial tail summed by hand."""
 
 import math
 
 import pytest
 
-from katjax.stages.eval import wilson_interval
+from katjax.stages.eval import paired, wilson_interval
 
 
 def _wilson_by_bisection(k, n, z=1.959963985):
@@ -27,6 +28,20 @@ def test_wilson_interval_matches_root_search(k, n):
   want = _wilson_by_bisection(k, n)
   assert math.isclose(lo, want[0], abs_tol=1e-7) and math.isclose(hi, want[1], abs_tol=1e-7)
   assert lo <= k / n <= hi
+
+
+def test_paired_counts_discordant_tasks_and_gives_the_exact_mcnemar_p():
+  # 10 tasks only the first policy solves, 1 only the second, 5 both, 4 neither.
+  first = [1] * 10 + [0] + [1] * 5 + [0] * 4
+  second = [0] * 10 + [1] + [1] * 5 + [0] * 4
+  out = paired(first, second)
+  assert (out["only_first"], out["only_second"]) == (10, 1)
+  # Two-sided: P(X <= 1) + P(X >= 10) for X ~ Binomial(11, 1/2) = 2 * 12 / 2048.
+  assert out["p"] == round(24 / 2048, 4) == 0.0117
+  assert paired(second, first) == {"only_first": 1, "only_second": 10, "p": 0.0117}
+  assert paired([1, 0], [1, 0])["p"] == 1.0  # no discordant task: no evidence either way
+  with pytest.raises(ValueError, match="same tasks"):
+    paired([1, 0, 1], [1, 0])
 
 
 @pytest.fixture(scope="module")
