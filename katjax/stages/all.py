@@ -91,15 +91,7 @@ def run(config, workdir: str, *, until: str = "") -> dict:
     prev = _finished_workdir(workdir, trained[-1], config) if trained else config.init_from
     t0 = time.perf_counter()
     params, extra = train_stage(stage, config, sdir, prev)
-    # One placement for every stage's params (training leaves them mesh-sharded): the
-    # shared sampler's compiled programs then serve all five evaluations.
-    params = jax.device_put(jax.device_get(params), jax.devices()[0])
-    if sampler is None:
-      from katjax.rollout.sampler import Sampler
-      sampler = Sampler(cfg, params, max_len=config.rl.max_tokens, tokenizer=tokenizer,
-                        max_batch=256)
-    else:
-      sampler.update_weights(params)
+    sampler = eval_sampler(sampler, cfg, params, config, tokenizer)
     bar = tqdm.tqdm(total=config.rl.max_turns, desc=f"eval {stage}", dynamic_ncols=True)
     # per_task: eval.json keeps which held-out tasks the stage solved, so two stages can
     # be compared on the same tasks (`eval.paired`), not only by their intervals.
@@ -122,6 +114,19 @@ def run(config, workdir: str, *, until: str = "") -> dict:
   png = figure.draw(results, os.path.join(workdir, "figure5.png"))
   print(f"[all] results.json and {os.path.basename(png)} in {workdir}")
   return out
+
+
+def eval_sampler(sampler, cfg, params, config, tokenizer):
+  """The evaluation sampler with `params` in it: created on the first call, else given the
+  new weights. One placement for every stage's params (training leaves them mesh-sharded),
+  so one sampler's compiled programs serve every evaluation."""
+  params = jax.device_put(jax.device_get(params), jax.devices()[0])
+  if sampler is None:
+    from katjax.rollout.sampler import Sampler
+    return Sampler(cfg, params, max_len=config.rl.max_tokens, tokenizer=tokenizer,
+                   max_batch=256)
+  sampler.update_weights(params)
+  return sampler
 
 
 def prepare(config, workdir: str) -> dict:

@@ -64,10 +64,7 @@ _FLOW_KEYS = ("eta", "mean_staleness", "trainer_bubble", "rollout_idle", "trajec
 
 
 def run(config, workdir: str, *, verbose: bool = True) -> dict:
-  import jax
-
   from katjax.model.tokenizer import Tokenizer
-  from katjax.rollout.sampler import Sampler
   from katjax.stages import all as pipeline
   from katjax.stages import eval as eval_stage
   from katjax.train.config import parse
@@ -99,13 +96,7 @@ def run(config, workdir: str, *, verbose: bool = True) -> dict:
   def evaluate(params):
     nonlocal sampler
     t0 = time.perf_counter()
-    # One placement and one sampler for every evaluation (as all.run): shared programs.
-    params = jax.device_put(jax.device_get(params), jax.devices()[0])
-    if sampler is None:
-      sampler = Sampler(cfg, params, max_len=config.rl.max_tokens, tokenizer=tokenizer,
-                        max_batch=256)
-    else:
-      sampler.update_weights(params)
+    sampler = pipeline.eval_sampler(sampler, cfg, params, config, tokenizer)
     res = {}
     for e, ev in evals.items():
       m = eval_stage.evaluate(sampler, tokenizer, held, ev, config.rl, per_task=True)
