@@ -125,3 +125,29 @@ def test_rl_stage_rejects_a_row_longer_than_the_devices_hold(tmp_path):
   largest = int(re.search(r"the largest row that fits is (\d+)", str(e.value)).group(1))
   assert 256 <= largest < 512 and largest % 64 == 0
   assert peak(largest) <= budget < (high if largest + 64 == 512 else peak(largest + 64))
+
+
+def test_the_run_seed_varies_the_rollout_seeds(monkeypatch):
+  """train.seed reaches the episodes: a seed study runs different rollouts per seed."""
+  from katjax.rollout.batch import episode_seed
+  from katjax.train.config import parse
+
+  class Seen(Exception):
+    pass
+
+  def capture(sampler, tokenizer, envs, tasks, sampling, limits, *, seed, monitors):
+    raise Seen([episode_seed(seed, i) for i in range(len(tasks))])
+
+  monkeypatch.setattr(rl_stage, "run_episodes", capture)
+  rl = parse(_config(1)).rl
+  tasks = rl_stage.load_rl_tasks(rl)[:2]
+
+  def seeds(run_seed, step):
+    with pytest.raises(Seen) as seen:
+      rl_stage.collect_groups(None, None, tasks, rl, step=step, seed=run_seed)
+    return seen.value.args[0]
+
+  runs = {(s, k): seeds(s, k) for s in (0, 1, 2) for k in (0, 1)}
+  every = [x for v in runs.values() for x in v]
+  assert len(set(every)) == len(every)  # no episode seed repeats across seeds and steps
+  assert seeds(1, 1) == runs[1, 1]  # the same seed and step: the same rollouts

@@ -56,6 +56,7 @@ class FlowConfig:
   rollout_slots: int = 8  # episodes running at once
   train_retries: int = 2
   max_failed_episodes: int = 32  # more failures in a row end the run (a broken engine/env)
+  seed: int = 0  # the run's seed: varies every episode's sampling seed (0: as before it existed)
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -140,10 +141,8 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
         sessions = [f"{key}/{g}" for g in range(cfg.group_size)]
         manager.start_group(key, sessions)
       for s in sessions:
-        # Below 2e6 like `rollout.batch.episode_seed`: the agent adds 1000 x seed + turn and
-        # an OpenAI server takes seeds < 2**31.
         future = sched.submit("rollout", play_episode, episode_fn, connect, task, s,
-                              zlib.crc32(s.encode()) % 2_000_000)
+                              session_seed(s, cfg.seed))
         future.add_done_callback(functools.partial(graded, s))
 
   t0 = time.monotonic()
@@ -197,6 +196,13 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
           "failed_episodes": counters["failed_episodes"],
           "train_retries": counters["train_retries"], "manager": dict(manager.stats),
           "train_s": trained_s, "history": steps}
+
+
+def session_seed(session: str, seed: int = 0) -> int:
+  """An episode's sampling seed: a function of its session id (so a resumed run samples a
+  rerun task like the first) and the run's seed. Below 2e6 like `rollout.batch.episode_seed`:
+  the agent adds 1000 x seed + turn and an OpenAI server takes seeds < 2**31."""
+  return (zlib.crc32(session.encode()) + int(seed) * 1_000_003) % 2_000_000
 
 
 def play_episode(episode_fn, connect, task, session: str, seed: int):

@@ -68,7 +68,7 @@ def task_order(tasks: list[dict], rl: RLConfig):
   return grain.MapDataset.source(tasks).shuffle(seed=rl.task_seed)
 
 
-def collect_groups(sampler, tokenizer, tasks, rl: RLConfig, *, step: int,
+def collect_groups(sampler, tokenizer, tasks, rl: RLConfig, *, step: int, seed: int = 0,
                    rft=None) -> tuple[list, dict]:
   """Rollouts of every task -> (groups of core.tree.Trajectory with advantages, stats).
 
@@ -78,6 +78,8 @@ def collect_groups(sampler, tokenizer, tasks, rl: RLConfig, *, step: int,
   rft: None (the environment's reward) or a `katjax.stages.rft.RftRewards`: a deviation
   monitor per rollout, rewards relative to the task's ground truth, and the teacher
   trajectory as one more (off-policy) branch of the group's tree.
+  seed: the run's seed (`train.seed`): runs with different seeds sample different rollouts
+  (seed 0 keeps the seeds of the runs before it was added).
   """
   sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p,
                             max_new_tokens=rl.max_new_tokens)
@@ -88,7 +90,7 @@ def collect_groups(sampler, tokenizer, tasks, rl: RLConfig, *, step: int,
   envs = [make_env(rl.env) for _ in runs]
   try:
     flat = run_episodes(sampler, tokenizer, envs, [tasks[t] for t, _ in runs], sampling,
-                        limits, seed=step * len(runs),
+                        limits, seed=(seed * 1_000_003 + step) * len(runs),
                         monitors=[rft.monitor(tasks[t]) if rft is not None else None
                                   for t, _ in runs])
   finally:
@@ -173,7 +175,8 @@ def train_rl(config, workdir: str, *, verbose: bool = True, rft=None) -> dict:
   mfu = MfuMeter(tr.cfg, tc.peak_flops)  # katjax/train/mfu.py
   for step in range(tr.start, tc.steps):
     t0 = time.perf_counter()
-    groups, stats = collect_groups(sampler, tokenizer, next(it), rl, step=step, rft=rft)
+    groups, stats = collect_groups(sampler, tokenizer, next(it), rl, step=step,
+                                   seed=tc.seed, rft=rft)
     t1 = time.perf_counter()
     batch, info = prune_batch(groups, rl.num_rows, rl.row_tokens, prune_cfg,
                               norm=prune_cfg.norm)

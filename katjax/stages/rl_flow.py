@@ -124,7 +124,7 @@ def train_rl_async(config, workdir: str, tasks, tokenizer, *, verbose: bool = Tr
 
   cfg = FlowConfig(mode="async", eta=rl.eta, group_size=rl.group_size,
                    groups_per_step=rl.tasks_per_step, steps=tc.steps,
-                   rollout_slots=rl.rollout_slots)
+                   rollout_slots=rl.rollout_slots, seed=tc.seed)
   placement = {"scheduler": ThreadScheduler}  # run_flow's defaults: threads, in-process engine
   closers = [engine.close, tr.close]
   try:

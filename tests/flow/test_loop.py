@@ -87,6 +87,26 @@ def test_async_generates_ahead_of_the_trainer_and_sync_does_not():
   assert lag == {"sync": 0, "async": lag["async"]} and 1 <= lag["async"] <= 3
 
 
+def test_the_run_seed_varies_every_episode_seed_and_repeats():
+  def seeds(run_seed):
+    seen = {}
+
+    def run(task, backend, seed):
+      seen[task] = seed
+      backend.generate([[1, task]], seed=seed)
+      return 1.0, {}
+
+    run_flow(FlowConfig(mode="sync", group_size=1, groups_per_step=2, steps=3, seed=run_seed),
+             engine=StubEngine(), tasks=list(range(6)), episode_fn=run, learner=StubLearner())
+    return seen
+
+  zero, one = seeds(0), seeds(1)
+  assert set(zero) == set(one) == set(range(6))
+  assert all(zero[t] != one[t] for t in zero)  # another seed: other samples for every task
+  assert seeds(1) == one  # the same seed: the same samples
+  assert all(0 <= s < 2_000_000 for s in [*zero.values(), *one.values()])
+
+
 def test_dead_agents_are_rescheduled_and_failed_steps_retried():
   dead = set()
 
