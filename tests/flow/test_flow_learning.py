@@ -31,10 +31,10 @@ CMD = [sys.executable, "-m", "katjax.stages.flow_learning",
        "--config.rl.rollout_slots=2", "--config.eval.num_tasks=6"]
 
 
-def _run(workdir, cache, steps):
+def _run(workdir, cache, steps, *extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS="--xla_force_host_platform_device_count=1", **compile_cache.env(cache))
-  cmd = CMD + [f"--config.pipeline.rl_steps={steps}", f"--workdir={workdir}"]
+  cmd = CMD + [f"--config.pipeline.rl_steps={steps}", f"--workdir={workdir}", *extra]
   proc = subprocess.run(cmd, cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,3 +75,56 @@ def test_sync_and_async_train_the_same_steps_from_the_same_sft(tmp_path):
     piped = json.load(f)
   for key in ("success", "mean_turns", "mean_tool_calls", "finish_reasons"):
     assert out["start"][key] == piped[key], key
+
+  # Two seeds (the stages before RL are reused): a sync and an async run per seed, and their
+  # spread over the seeds.
+  two = _run(workdir, cache, 1, "--seeds=0,3")
+  assert two["seeds"] == [0, 3] and sorted(two["runs"]) == ["0", "3"]
+  for seed in ("0", "3"):
+    for mode in ("sync", "async"):
+      assert two["runs"][seed][mode]["steps_trained"] == 1
+      assert latest_step(os.path.join(workdir, "flow_learning", f"seed{seed}", mode)) == 1
+  assert two["start"]["success"] == out["start"]["success"]  # the same start, reused
+  for name, get in (("eval", lambda r: r), ("sampled", lambda r: r["sampled"])):
+    across = two["across_seeds"][name]
+    for mode in ("sync", "async"):
+      per_seed = [get(two["runs"][s][mode])["success"] for s in ("0", "3")]
+      assert across[mode]["success"] == pytest.approx(per_seed)
+      assert across[mode]["mean"] == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+
+
+def test_across_seeds_is_the_t_interval_of_the_mean_over_runs():
+  from katjax.stages.flow_learning import _across_seeds
+
+  succ = {"sync": [0.4, 0.5, 0.6], "async": [0.2, 0.3, 0.4]}
+  runs = {s: {m: {"success": succ[m][i]} for m in succ} for i, s in enumerate((0, 1, 2))}
+  # Two tasks per seed; async solves task 0 where sync does not (seed 0), and sync solves
+  # task 1 where async does not (seeds 1 and 2).
+  solved = {0: {"sync": [0, 1], "async": [1, 1]}, 1: {"sync": [1, 1], "async": [1, 0]},
+            2: {"sync": [0, 1], "async": [0, 0]}}
+  out = _across_seeds(runs, {s: {m: {"": v} for m, v in d.items()} for s, d in solved.items()},
+                      "")
+  t = 4.302653  # t(0.975, 2 degrees of freedom), from a t table
+  half = t * 0.1 / 3 ** 0.5  # sample sd 0.1 for both
+  assert out["sync"]["mean"] == pytest.approx(0.5) and out["sync"]["sd"] == pytest.approx(0.1)
+  assert out["sync"]["ci95"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-4)
+  assert out["async"]["ci95"] == pytest.approx([0.3 - half, 0.3 + half], abs=1e-4)
+  assert out["async_mean_within_sync_interval"]  # 0.3 > 0.5 - 0.248
+  assert not out["async_mean_below_sync_interval"]
+  assert out["paired_pooled"] == {"only_first": 1, "only_second": 2, "p": 1.0}
+
+
+def test_seeds_must_be_distinct():
+  from katjax.stages.flow_learning import run
+
+  with pytest.raises(ValueError, match="seeds must be distinct"):
+    run(_pipeline_config(), "/nonexistent", seeds=[1, 1])
+
+
+def _pipeline_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "pipeline_tiny", os.path.join(ROOT, "configs", "pipeline_tiny.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
