@@ -32,8 +32,9 @@ checkpoint itself. Prints, and writes to DIR/flow_learning.json:
      "async_below_sync_interval_sampled", "paired_sampled"}
 
 RL needs room to learn for the comparison to mean anything: pipeline_tiny's RL starts from
-a 20-step RFT (0.445 greedy) and adds only +0.045, so docs/benchmarks.md starts it from a
-10-step RFT (0.120) with `--config.pipeline.rft_steps=10 --config.pipeline.rl_steps=20`.
+a 20-step RFT (0.445 greedy) and adds +0.050 (10 tasks gained, none lost, paired), which
+docs/benchmarks.md compares over three seeds; it also starts RL from a 10-step RFT (0.120,
+more room, less stable) with `--config.pipeline.rft_steps=10 --config.pipeline.rl_steps=20`.
 
 Greedy success is the pipeline's figure; the sampled one is the policy RL trains and moves
 (at the pipeline's settings RL changes greedy success little but sampled success clearly:
@@ -46,10 +47,10 @@ of the steps minus the first quarter's (did RL move the sampled policy at all).
 The issue's goal (#16) is "async reaches the synchronous run's success within its 95%
 interval in the same number of train steps". One run's interval is a Wilson interval over
 the held-out tasks; it says nothing about the spread of RL runs themselves, which is large
-here (sync from the same start: 0.49 at seed 0, 0.00 at seed 1, where it collapses), and
-async is not bit-reproducible (which episodes finish first depends on timing). So
-`--seeds=0,1,2` trains a sync and an async run per seed (`train.seed`: it sets the rollouts'
-sampling seeds), in DIR/flow_learning/seed<k>/<mode>, and the JSON then holds
+here (sync from the 10-step RFT at lr 2e-3: 0.49 at seed 0, 0.00 at seed 1, where it
+collapses), and async is not bit-reproducible (which episodes finish first depends on
+timing). So `--seeds=0,1,2` trains a sync and an async run per seed (`train.seed`: it sets
+the rollouts' sampling seeds), in DIR/flow_learning/seed<k>/<mode>, and the JSON then holds
 
     {"steps", "eval_tasks", "start_stage", "start_workdir", "start", "seeds": [...],
      "runs": {"<seed>": {"sync", "async", "async_within_sync_interval", ..., "paired"}},

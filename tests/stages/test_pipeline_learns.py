@@ -5,12 +5,12 @@ held-out split.
 seeds: every stage starts from the previous one and is evaluated greedily on the same 200
 held-out tasks. Each ordering must hold by more than its 95% intervals: the Wilson
 intervals of the two stages do not overlap, and the gain is at least the margin recorded
-below. RL over RFT is a smaller gain (+0.045, the chains 0.82 -> 0.96), inside the two
+below. RL over RFT is a smaller gain (+0.050, the chains 0.82 -> 0.98), inside the two
 intervals, so it is asserted on the same tasks instead: more tasks only RL solves than only
-RFT solves, with the exact McNemar p-value below 0.05 (measured: 10 and 1, p 0.012).
+RFT solves, with the exact McNemar p-value below 0.05 (measured: 10 and 0, p 0.002).
 
 Measured with this test's config (2026-12-03, docs/pipeline.md): base 0.000 [0.000,
-0.019], sft 0.235 [0.182, 0.298], rft 0.445 [0.378, 0.514], rl 0.490 [0.422, 0.559]
+0.019], sft 0.235 [0.182, 0.298], rft 0.445 [0.378, 0.514], rl 0.495 [0.426, 0.564]
 (`make demo`; the test gets the same numbers). The margins are about half of the
 measured gains, so a change that halves what a stage adds fails here.
 """
