@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS="$${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow install install-test bench clean
+.PHONY: demo test test-all install install-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,14 +33,15 @@ DEMO_DIR ?= /tmp/katjax_demo
 demo: $(VENV)/.installed
 	$(PY) -m katjax.launch --stage=all --config=configs/pipeline_tiny.py --workdir=$(DEMO_DIR)
 
-# `make test` leaves out the tests marked slow (the whole pipeline, multi-host, Ray, kill -9:
-# about 12 minutes more on 2 cores); `make test-slow` runs them, and CI (.ci/run) runs both.
+# `make test` leaves out the tests marked slow (the whole pipeline, multi-host, Ray, kill -9);
+# `make test-all` runs every test in one session (what CI runs, .ci/run): there the slow
+# tests, started first (tests/conftest.py), share the two cores with the fast ones.
 PYTEST := $(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider --durations=20
 test: $(VENV)/.installed-test
 	$(PYTEST) -m "not slow" tests
 
-test-slow: $(VENV)/.installed-test
-	$(PYTEST) -m slow tests
+test-all: $(VENV)/.installed-test
+	$(PYTEST) tests
 
 # Tunix (the peer the train/sampler benches compare against) is installed without its
 # dependencies: its own pins would downgrade transformers/tokenizers in this venv. The second
