@@ -35,7 +35,8 @@ demo: $(VENV)/.installed
 
 # `make test` leaves out the tests marked slow (the whole pipeline, multi-host, Ray, kill -9);
 # `make test-all` runs every test in one session (what CI runs, .ci/run): there the slow
-# tests, started first (tests/conftest.py), share the two cores with the fast ones.
+# tests, spread through the collection order, share the two cores with light ones (started
+# first, together, they contend: 31 min against 22).
 PYTEST := $(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider --durations=20
 test: $(VENV)/.installed-test
 	$(PYTEST) -m "not slow" tests

@@ -10,20 +10,6 @@ if "xla_force_host_platform_device_count" not in flags:
 
 import pytest  # noqa: E402
 
-# The longest tests (minutes each on 2 cores), started first: pytest-xdist hands tests out in
-# collection order, so one of these collected late runs alone at the end while the other
-# worker idles (the pipeline test alone is ~10 minutes).
-LONGEST_FIRST = (
-    "tests/stages/test_pipeline_learns.py",
-    "tests/parallel/test_multihost.py",
-    "tests/flow/test_flow_learning.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
-
 
 def _lcs_length(a, b) -> int:
   """Plain-Python dynamic programme: length of the longest common subsequence."""
