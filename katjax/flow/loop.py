@@ -42,6 +42,7 @@ import numpy as np
 
 from katjax.flow.scheduler import Resource, ThreadScheduler
 from katjax.flow.trajectories import RecordingBackend, TrajectoryManager
+from katjax.rollout.batch import episode_seed
 
 MODES = ("sync", "async")
 
@@ -199,10 +200,10 @@ def run_flow(cfg: FlowConfig, *, engine, tasks, episode_fn, learner, manager=Non
 
 
 def session_seed(session: str, seed: int = 0) -> int:
-  """An episode's sampling seed: a function of its session id (so a resumed run samples a
-  rerun task like the first) and the run's seed. Below 2e6 like `rollout.batch.episode_seed`:
-  the agent adds 1000 x seed + turn and an OpenAI server takes seeds < 2**31."""
-  return (zlib.crc32(session.encode()) + int(seed) * 1_000_003) % 2_000_000
+  """An episode's sampling seed: `rollout.batch.episode_seed` of the run's seed, with the
+  session id's crc32 as the episode index (so a resumed run samples a rerun task like the
+  first; below 2e6, which the agent and an OpenAI server need)."""
+  return episode_seed(seed, zlib.crc32(session.encode()))
 
 
 def play_episode(episode_fn, connect, task, session: str, seed: int):
